@@ -1,0 +1,35 @@
+# The one set-up command and the one test command (the README and .ci/run use these).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FMNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup test bench data
+
+setup: $(BIN)/dvc data
+	@echo "ready: run 'source $(VENV)/bin/activate' then 'dvc repro'"
+
+$(BIN)/dvc: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch/torchvision are pinned to the builds this platform serves from local disk;
+	# other pins pull several GB from the network.
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Default data: Fashion-MNIST from Debian's dataset-fashion-mnist where apt can install it,
+# copied into data/raw so the pipeline (and DVC) only ever read inside the repo.
+data:
+	@if [ ! -d $(FMNIST_DEB) ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "note: could not install dataset-fashion-mnist; prepare will try data/raw or a download"; \
+	fi
+	mkdir -p data/raw/fashion-mnist data/raw/pretrained
+	@if [ -d $(FMNIST_DEB) ]; then cp -u $(FMNIST_DEB)/*-ubyte.gz data/raw/fashion-mnist/; fi
+
+test:
+	$(BIN)/python -m pytest -q
+
+bench:
+	$(BIN)/python -m benchmarks.run

@@ -1,0 +1,80 @@
+"""evaluate: the final classifier on the test split.
+
+Outputs: metrics/evaluate.json (accuracy, macro-F1, per-class precision/recall),
+metrics/predictions.csv (one row per test image: the DVC confusion-matrix plot),
+metrics/prediction_grid.png (test images with true and predicted labels).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from transfer import models, paths, training
+from transfer.io import load_tensors, read_json, write_bytes, write_json, write_text
+from transfer.params import load_params
+
+
+def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_path: Path, predictions_path: Path, grid_path: Path,
+             grid_images: int, batch_size: int, device, amp: bool) -> dict:
+    meta = read_json(model_dir / "model.json")
+    model = models.load_model(model_dir / "model.safetensors", meta)
+    test, _ = load_tensors(paths.split_file(prepared_dir, "test"))
+    logits = training.predict(model, test["images"], mean=meta["mean"], std=meta["std"], batch_size=batch_size,
+                              device=device, amp=amp)
+    y_true, y_pred = test["labels"].numpy(), logits.argmax(1).numpy()
+    classes = meta["classes"]
+    labels = list(range(len(classes)))
+    precision, recall, _, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    metrics = dict(
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        test_images=int(len(y_true)),
+        per_class={c: dict(precision=float(precision[i]), recall=float(recall[i]), support=int(support[i]))
+                   for i, c in enumerate(classes)},
+    )
+    write_json(metrics_path, metrics)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows([classes[t], classes[q]] for t, q in zip(y_true, y_pred))
+    write_text(predictions_path, buf.getvalue())
+    write_bytes(grid_path, prediction_grid(test["images"][:grid_images], y_true[:grid_images], y_pred[:grid_images], classes))
+    return metrics
+
+
+def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], tile: int = 96, columns: int = 6) -> bytes:
+    """PNG of test images captioned true/predicted, green when right and red when wrong
+    (the tutorials' visualize_model, without matplotlib)."""
+    rows = max(1, -(-len(images) // columns))
+    caption = 26
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, img in enumerate(images):
+        x, y = (i % columns) * tile, (i // columns) * (tile + caption)
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((tile, tile), Image.Resampling.NEAREST)
+        sheet.paste(pil, (x, y))
+        ok = y_true[i] == y_pred[i]
+        draw.text((x + 2, y + tile + 1), f"T: {classes[y_true[i]][:14]}", fill="black")
+        draw.text((x + 2, y + tile + 13), f"P: {classes[y_pred[i]][:14]}", fill=(0, 128, 0) if ok else (200, 0, 0))
+    out = io.BytesIO()
+    sheet.save(out, format="PNG")
+    return out.getvalue()
+
+
+def main() -> None:
+    p = load_params()
+    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    metrics = evaluate(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, metrics_path=paths.METRICS / "evaluate.json",
+                       predictions_path=paths.METRICS / "predictions.csv", grid_path=paths.METRICS / "prediction_grid.png",
+                       grid_images=p.evaluate.grid_images, batch_size=p.evaluate.batch_size,
+                       device=training.pick_device(p.runtime.device), amp=p.runtime.amp)
+    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {metrics['test_images']} test images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""extract: embeddings of every split from the frozen backbone, cached for head experiments.
+
+Outputs: data/embeddings/{train,val,test}.safetensors (embeddings float16 (N, D), labels).
+Depends only on what changes the embeddings, so `-S train_head.*` experiments reuse the cache.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from transfer import models, paths, training
+from transfer.io import load_tensors, save_tensors, write_json
+from transfer.params import load_params
+
+
+def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path, batch_size: int,
+                       device: torch.device, amp: bool) -> dict:
+    """Run the frozen backbone (eval mode, inference_mode, batched) over each split; store the embeddings."""
+    backbone, info = models.load_backbone(backbone_dir)
+    stats = {}
+    for split in paths.SPLITS:
+        tensors, meta = load_tensors(paths.split_file(prepared_dir, split))
+        start = time.perf_counter()
+        emb = training.predict(backbone, tensors["images"], mean=info["mean"], std=info["std"],
+                               batch_size=batch_size, device=device, amp=amp)
+        seconds = time.perf_counter() - start
+        # float16 halves the cache; the head trains in float32 from it.
+        save_tensors(paths.split_file(out_dir, split), {"embeddings": emb.half(), "labels": tensors["labels"]},
+                     meta={"classes": meta["classes"], "arch": info["arch"], "backbone_sha256": info["sha256"]})
+        stats[split] = dict(images=len(emb), seconds=round(seconds, 3),
+                            images_per_second=round(len(emb) / seconds, 1) if seconds > 0 else None)
+    return dict(device=str(device), feature_dim=info["feature_dim"], splits=stats)
+
+
+def main() -> None:
+    p = load_params()
+    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    stats = extract_embeddings(backbone_dir=paths.BACKBONE_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EMBEDDINGS,
+                               batch_size=p.extract.batch_size, device=training.pick_device(p.runtime.device), amp=p.runtime.amp)
+    # Timings vary run to run, so they go to a log beside the cache, not to versioned metrics.
+    write_json(paths.EMBEDDINGS / "timing.json", stats)
+    print(f"extract: {stats}")
+
+
+if __name__ == "__main__":
+    main()

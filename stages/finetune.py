@@ -1,0 +1,117 @@
+"""finetune: adapt the backbone by `strategy`; write the final classifier.
+
+- feature_extract: frozen backbone + the trained head, no further training;
+- finetune: backbone + trained head, all layers trained, backbone lr = lr * backbone_lr_factor;
+- partial: as finetune with the first finetune.freeze_blocks backbone blocks frozen;
+- scratch: same architecture, random weights, everything trained at lr.
+
+Outputs: models/model/model.safetensors + model.json (construction arguments, classes,
+normalisation); metrics/finetune.json; curves in metrics/curves/finetune. A resumable
+training state is kept in models/checkpoints/finetune.pt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from transfer import models, paths, training
+from transfer.io import load_tensors, read_json, save_tensors, write_json
+from transfer.models import ModelError
+from transfer.params import Params, load_params
+
+
+def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blocks: int, seed: int):
+    """The starting classifier for a strategy, and its description (model.json)."""
+    head_desc = read_json(head_dir / "head.json")
+    info = read_json(backbone_dir / "backbone.json")
+    if strategy == "scratch":
+        torch.manual_seed(seed)
+        backbone, _ = models.build_backbone(info["arch"], info["image_size"])
+    else:
+        backbone, info = models.load_backbone(backbone_dir)
+    head = models.make_head(head_desc["kind"], head_desc["in_features"], head_desc["num_classes"],
+                            head_desc["hidden"], head_desc["dropout"])
+    if strategy != "scratch":
+        state, _ = load_tensors(head_dir / "head.safetensors")
+        head.load_state_dict(state)
+    model = models.Classifier(backbone, head)
+    if strategy == "partial":
+        models.freeze_first_blocks(model, info["arch"], freeze_blocks)
+    if strategy == "feature_extract":
+        models.freeze_first_blocks(model, info["arch"], info["num_blocks"])
+    meta = dict(arch=info["arch"], image_size=info["image_size"], num_classes=head_desc["num_classes"],
+                classes=head_desc["classes"], mean=info["mean"], std=info["std"], strategy=strategy,
+                head=dict(kind=head_desc["kind"], hidden=head_desc["hidden"], dropout=head_desc["dropout"]))
+    return model, meta
+
+
+def param_groups(model: models.Classifier, *, strategy: str, lr: float, backbone_lr_factor: float) -> list[dict]:
+    """Per-group learning rates: the pretrained backbone moves slower than the new head."""
+    backbone_lr = lr if strategy == "scratch" else lr * backbone_lr_factor
+    groups = [{"params": [q for q in model.backbone.parameters() if q.requires_grad], "lr": backbone_lr, "name": "backbone"},
+              {"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
+def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Path, out_dir: Path,
+                 checkpoint: Path, metrics_path: Path, curves_dir: Path) -> dict:
+    """Build the model for p.strategy, train it if the strategy trains, keep the best-val weights."""
+    f = p.finetune
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)  # a declared (persistent) output, even when unused
+    device = training.pick_device(p.runtime.device)
+    model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
+                              freeze_blocks=f.freeze_blocks, seed=p.seed)
+    train, _ = load_tensors(paths.split_file(prepared_dir, "train"))
+    val, _ = load_tensors(paths.split_file(prepared_dir, "val"))
+    mean, std = meta["mean"], meta["std"]
+    if p.strategy == "feature_extract":
+        logits = training.predict(model, val["images"], mean=mean, std=std, batch_size=p.evaluate.batch_size,
+                                  device=device, amp=p.runtime.amp)
+        history = [dict(epoch=0, val_acc=training.accuracy(logits, val["labels"]))]
+        best_state, best_epoch = model.state_dict(), 1
+    else:
+        fingerprint = _fingerprint(p, backbone_dir, head_dir)
+        best_state, history, best_epoch = training.fit(
+            model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
+            val_labels=val["labels"], param_groups=param_groups(model, strategy=p.strategy, lr=f.lr,
+                                                                 backbone_lr_factor=f.backbone_lr_factor),
+            epochs=f.epochs, batch_size=f.batch_size, momentum=f.momentum, weight_decay=f.weight_decay,
+            scheduler=f.scheduler, step_size=f.step_size, gamma=f.gamma, augment_pad=f.augment_pad,
+            augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
+            eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint, resume=f.resume, fingerprint=fingerprint)
+    save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
+    write_json(out_dir / "model.json", meta)
+    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
+    metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"] if p.strategy != "feature_extract" else history[0]["val_acc"],
+                   trainable_params=trainable, total_params=sum(q.numel() for q in model.parameters()))
+    write_json(metrics_path, metrics)
+    training.write_curves(curves_dir, history)
+    return metrics
+
+
+def _fingerprint(p: Params, backbone_dir: Path, head_dir: Path) -> str:
+    """What a resumable checkpoint must match: every setting and input that shapes the training."""
+    parts = dict(strategy=p.strategy, finetune={k: v for k, v in p.finetune.items() if k != "resume"}, seed=p.seed,
+                 amp=p.runtime.amp, backbone=read_json(backbone_dir / "backbone.json")["sha256"],
+                 head=hashlib.sha256((head_dir / "head.safetensors").read_bytes()).hexdigest())
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def main() -> None:
+    p = load_params()
+    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    try:
+        metrics = run_finetune(p=p, prepared_dir=paths.PREPARED, backbone_dir=paths.BACKBONE_DIR, head_dir=paths.HEAD_DIR,
+                               out_dir=paths.MODEL_DIR, checkpoint=paths.CHECKPOINTS / "finetune.pt",
+                               metrics_path=paths.METRICS / "finetune.json", curves_dir=paths.METRICS / "curves" / "finetune")
+    except ModelError as e:
+        sys.exit(f"finetune: {e}")
+    print(f"finetune: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

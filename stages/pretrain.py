@@ -1,0 +1,152 @@
+"""pretrain: produce backbone weights for backbone.arch from pretrained.source.
+
+Outputs (models/backbone/): backbone.safetensors, backbone.json (arch, source, sha256, feature
+dimension, normalisation, input size, blocks), load_report.json (loaded / skipped / missing keys);
+metrics/pretrain.json.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transfer import data, models, paths, training
+from transfer.data import DataError
+from transfer.io import WeightsError, download, load_state_dict, save_tensors, sha256_file, torchvision_hash_prefix, write_json
+from transfer.models import ModelError
+from transfer.params import Params, ParamsError, load_params
+
+# Where a company mirror of download.pytorch.org can be named; the file name stays torchvision's.
+MIRROR_ENV = "TRANSFER_WEIGHTS_MIRROR"
+
+
+def torchvision_weights(arch: str, name: str):
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        return enum[name]
+    except KeyError:
+        valid = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise ParamsError(f"pretrained.weights: {name!r} is not a weights name of {arch}; choose one of: {valid}") from None
+
+
+def fetch_torchvision(*, arch: str, weights: str, cache_dir: Path) -> tuple[Path, dict]:
+    """Download (or reuse from the cache) the official weights, verifying the checksum torchvision's
+    file name carries. Returns (file, details)."""
+    w = torchvision_weights(arch, weights)
+    url = w.url
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        url = mirror.rstrip("/") + "/" + w.url.rsplit("/", 1)[-1]
+    dest = cache_dir / w.url.rsplit("/", 1)[-1]
+    path = download(url, dest, sha256_prefix=torchvision_hash_prefix(w.url))
+    tf = w.transforms()
+    mean, std = tuple(tf.mean), tuple(tf.std)
+    if arch == "inception_v3":
+        # torchvision's inception weights expect transform_input, i.e. inputs scaled to [-1, 1].
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return path, dict(weights=w.name if hasattr(w, "name") else weights, url=url, mean=mean, std=std)
+
+
+def load_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, seed: int) -> dict:
+    """The source task: `per_class` images of each of `classes`, 90/10 stratified train/val."""
+    collected = data.collect(source, root)
+    names = data.resolve_classes(classes, collected.classes, "pretrained.train.classes")
+    items = [i for i in collected.items if i.label in names]
+    labels = np.array([names.index(i.label) for i in items])
+    # Sample before decoding: the source task never needs every image of the pool.
+    keep, _ = data.take_per_class(np.arange(len(items)), labels, per_class, np.random.default_rng(seed))
+    items = [items[i] for i in keep]
+    arrays, reasons = data.decode_items(items, image_size)
+    good = [(a, names.index(i.label)) for a, i in zip(arrays, items) if a is not None]
+    labels = np.array([lab for _, lab in good])
+    parts = data.stratified_split(labels, 0.1, 0.0, seed)
+    out = {"classes": names, "rejected": sum(r is not None for r in reasons)}
+    for split in ("train", "val"):
+        idx = parts[split]
+        out[split] = (data.to_tensor([good[i][0] for i in idx], image_size), torch.from_numpy(labels[idx]))
+    return out
+
+
+def train_on_source_task(*, arch: str, image_size: int, task: dict, epochs: int, lr: float, batch_size: int,
+                         mean, std, device: torch.device, amp: bool, seed: int) -> tuple[dict, dict]:
+    """Train arch + linear head on the source task with the same fit() as finetune; keep the backbone."""
+    backbone, dim = models.build_backbone(arch, image_size)
+    model = models.Classifier(backbone, models.make_head("linear", dim, len(task["classes"])))
+    best, history, best_epoch = training.fit(
+        model, train_images=task["train"][0], train_labels=task["train"][1], val_images=task["val"][0],
+        val_labels=task["val"][1], param_groups=[{"params": model.parameters(), "lr": lr}], epochs=epochs,
+        batch_size=batch_size, momentum=0.9, weight_decay=5e-4, scheduler="cosine", step_size=1, gamma=1.0,
+        augment_pad=2, augment_hflip=True, mean=mean, std=std, device=device, amp=amp, seed=seed)
+    state = {k[len("backbone."):]: v for k, v in best.items() if k.startswith("backbone.")}
+    return state, dict(source_classes=task["classes"], source_val_accuracy=history[best_epoch - 1]["val_acc"],
+                       best_epoch=best_epoch, epochs=epochs, train_images=len(task["train"][1]))
+
+
+def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
+    """Produce the backbone weights named by p.pretrained; write them and their description."""
+    arch, image_size, src = p.backbone.arch, p.data.image_size, p.pretrained.source
+    device = training.pick_device(p.runtime.device)
+    backbone, dim = models.build_backbone(arch, image_size)
+    mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
+    details, report, metrics = {}, {"loaded": [], "skipped": {}, "missing": []}, {}
+    if src == "torchvision":
+        path, details = fetch_torchvision(arch=arch, weights=p.pretrained.weights, cache_dir=Path(torch.hub.get_dir()) / "checkpoints")
+        mean, std = details.pop("mean"), details.pop("std")
+        state = load_state_dict(path)
+        if arch == "inception_v3":  # built without the auxiliary classifier
+            state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+        report = models.load_backbone_weights(backbone, _drop_classifier(state, arch), partial=False)
+    elif src == "url":
+        name = p.pretrained.url.rsplit("/", 1)[-1] or "weights.pt"
+        path = download(p.pretrained.url, Path(torch.hub.get_dir()) / "checkpoints" / name, sha256=p.pretrained.sha256)
+        report = models.load_backbone_weights(backbone, _drop_classifier(load_state_dict(path), arch), partial=True)
+        details = dict(url=p.pretrained.url)
+    elif src == "file":
+        path = Path(p.pretrained.path)
+        if not path.is_file():
+            raise WeightsError(f"pretrained.path: {path} is not a file; point it at a .safetensors/.pt/.pth weights file")
+        report = models.load_backbone_weights(backbone, load_state_dict(path), partial=True)
+        details = dict(path=str(path), file_sha256=sha256_file(path))
+    elif src == "train":
+        task = load_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes, image_size=image_size,
+                         per_class=p.pretrained.train.per_class, seed=p.seed)
+        state, metrics = train_on_source_task(arch=arch, image_size=image_size, task=task, epochs=p.pretrained.train.epochs,
+                                              lr=p.pretrained.train.lr, batch_size=p.pretrained.train.batch_size,
+                                              mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed)
+        report = models.load_backbone_weights(backbone, state, partial=False)
+        details = dict(dataset=p.data.source, classes=task["classes"])
+    # src == "none": the random initialisation of build_backbone (seeded by configure_runtime)
+    weights_file = out_dir / "backbone.safetensors"
+    save_tensors(weights_file, backbone.state_dict(), meta={"arch": arch, "image_size": image_size})
+    info = dict(arch=arch, source=src, feature_dim=dim, image_size=image_size, mean=list(mean), std=list(std),
+                num_blocks=len(models.blocks(backbone, arch)), sha256=sha256_file(weights_file), **details)
+    write_json(out_dir / "backbone.json", info)
+    write_json(out_dir / "load_report.json", {**report, "counts": {k: len(v) for k, v in report.items()}})
+    metrics = {**metrics, "loaded_keys": len(report["loaded"]), "skipped_keys": len(report["skipped"]), "missing_keys": len(report["missing"])}
+    write_json(metrics_path, metrics)
+    return info
+
+
+def _drop_classifier(state: dict, arch: str) -> dict:
+    """Official checkpoints carry the 1000-class classifier that our backbone replaced by Identity."""
+    prefix = models.CLASSIFIER_PATH[models.family(arch)] + "."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def main() -> None:
+    p = load_params()
+    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    try:
+        info = pretrain(p=p, out_dir=paths.BACKBONE_DIR, metrics_path=paths.METRICS / "pretrain.json")
+    except (WeightsError, ModelError, DataError, ParamsError) as e:
+        sys.exit(f"pretrain: {e}")
+    print(f"pretrain: {info['arch']} from {info['source']}, feature dim {info['feature_dim']}")
+
+
+if __name__ == "__main__":
+    main()

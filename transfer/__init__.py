@@ -1,0 +1,1 @@
+"""Shared logic of the transfer-learning pipeline; the stages in stages/ are thin wrappers."""

@@ -1,0 +1,315 @@
+"""Datasets in, uint8 tensors out: sources, robust decoding, stratified splits, the manifest.
+
+Every input file or array entry gets one manifest row: used (in a split), unused (over the
+labelled budget or the evaluation cap), excluded (class not selected), ignored (hidden
+files) or rejected (unreadable, with the reason). Images are decoded exactly once, here.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io as _io
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+# Where Debian's dataset-fashion-mnist package puts the IDX files.
+FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as configured; the message says what to change."""
+
+
+class BadImage(Exception):
+    """One file cannot be used as an image; the message is the reason recorded in the manifest."""
+
+
+@dataclass
+class Item:
+    ref: str  # file path or "<file>#<index>" for entries of an array file
+    label: str  # class name
+    presplit: str | None = None  # train/val/test for pre-split folder trees
+    path: Path | None = None
+    array: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8 for in-memory sources
+
+
+@dataclass
+class Collected:
+    classes: list[str]  # every class the source has, in label order
+    items: list[Item]
+    skipped: list[dict] = field(default_factory=list)  # manifest rows for ignored/rejected-by-name files
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), alpha composited over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _fit(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` and centre-crop: the tutorials' Resize + CenterCrop."""
+    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, S, S)
+
+
+def decode_file(path: Path, size: int) -> np.ndarray:
+    """Decode one image file fully, or raise BadImage with the reason."""
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Over Pillow's pixel limit is a decompression bomb: refuse it, don't just warn.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # full decode: truncated data fails here (verify() would not notice)
+                img = ImageOps.exif_transpose(img)
+                return _fit(_to_rgb(img), size)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image Pillow can read (wrong content for its extension?)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"unreadable or truncated image: {e}") from None
+
+
+def decode_array(arr: np.ndarray, size: int) -> np.ndarray:
+    return _fit(Image.fromarray(arr).convert("RGB"), size)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_class_tree(folder: Path, root: Path, presplit: str | None, out: Collected) -> list[str]:
+    """Items of one tree of class folders; hidden entries and non-image files get manifest rows."""
+    names = []
+    for class_dir in _class_dirs(folder):
+        names.append(class_dir.name)
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() or p.is_symlink())
+        if not any(f.suffix.lower() in IMAGE_EXTS and not _hidden(f, root) for f in files):
+            out.notes.append(f"class folder {class_dir} has no image files; it is left out")
+        for f in files:
+            ref = str(f)
+            if _hidden(f, root):
+                out.skipped.append(dict(ref=ref, label=class_dir.name, split="", status="ignored", reason="hidden file or folder"))
+            elif f.suffix.lower() not in IMAGE_EXTS:
+                out.skipped.append(dict(ref=ref, label=class_dir.name, split="", status="rejected",
+                                        reason=f"not an image extension ({f.suffix or 'none'})"))
+            else:
+                out.items.append(Item(ref=ref, label=class_dir.name, presplit=presplit, path=f))
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            status = "ignored" if f.name.startswith(".") else "rejected"
+            out.skipped.append(dict(ref=str(f), label="", split="", status=status,
+                                    reason="hidden file" if status == "ignored" else "file outside any class folder"))
+    return names
+
+
+def collect_imagefolder(root: Path) -> Collected:
+    """One tree of class folders, or pre-split train/ val/ [test/] trees of class folders."""
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder; point it at a folder of class sub-folders")
+    out = Collected(classes=[], items=[])
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        per_split = {}
+        for split in ("train", "val", "test"):
+            if (root / split).is_dir():
+                per_split[split] = _scan_class_tree(root / split, root, split, out)
+        train_classes = [c for c in per_split["train"] if any(i.label == c and i.presplit == "train" for i in out.items)]
+        for split, names in per_split.items():
+            missing, extra = sorted(set(train_classes) - set(names)), sorted(set(names) - set(train_classes))
+            if split != "train" and (missing or extra):
+                out.notes.append(f"class sets differ: {split}/ lacks {missing or 'nothing'} and has "
+                                 f"{extra or 'nothing'} beyond train/; only train/'s classes are used")
+        out.classes = train_classes
+        for item in out.items:
+            if item.label not in train_classes:
+                item.presplit = "excluded:" + (f"class '{item.label}' has no training images in train/")
+    else:
+        names = _scan_class_tree(root, root, None, out)
+        out.classes = [c for c in names if any(i.label == c for i in out.items)]
+    if not out.classes:
+        raise DataError(f"data.root: {root} has no class folders with images. Expected {root}/<class>/<image> "
+                        f"or {root}/train/<class>/<image> and {root}/val/<class>/<image>")
+    return out
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} values)")
+    return arr.reshape(shape)
+
+
+def fashion_mnist_folder(root: Path) -> Path:
+    """data.root if it holds the IDX files, else Debian's package, else torchvision's download."""
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    for folder in (root, FASHION_MNIST_SYSTEM):
+        if all((folder / n).is_file() for n in names):
+            return folder
+    try:  # online fallback: torchvision knows the official mirrors and checksums
+        from torchvision.datasets import FashionMNIST
+        FashionMNIST(root=str(root / "torchvision"), download=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not available offline"
+        raise DataError(
+            f"Fashion-MNIST not found in {root} or {FASHION_MNIST_SYSTEM}, and the download failed ({e}). "
+            f"Install Debian's dataset-fashion-mnist (make setup does) or copy {', '.join(names)} into {root}") from None
+    return root / "torchvision" / "FashionMNIST" / "raw"
+
+
+def collect_fashion_mnist(root: Path) -> Collected:
+    folder = fashion_mnist_folder(root)
+    out = Collected(classes=list(FASHION_MNIST_CLASSES), items=[])
+    for images_name, labels_name in FASHION_MNIST_FILES.values():
+        images, labels = _read_idx(folder / images_name), _read_idx(folder / labels_name)
+        if len(images) != len(labels):
+            raise DataError(f"{folder}: {images_name} and {labels_name} disagree in length")
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            out.items.append(Item(ref=f"{images_name}#{i}", label=FASHION_MNIST_CLASSES[lab], array=img))
+    return out
+
+
+def collect_digits() -> Collected:
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    # 8x8 intensities 0..16 -> 0..255 uint8
+    images = np.clip(digits.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+    classes = [str(c) for c in digits.target_names]
+    items = [Item(ref=f"sklearn-digits#{i}", label=classes[t], array=img) for i, (img, t) in enumerate(zip(images, digits.target))]
+    return Collected(classes=classes, items=items)
+
+
+def collect(source: str, root: str | Path) -> Collected:
+    root = Path(root)
+    if source == "digits":
+        return collect_digits()
+    if source == "fashion-mnist":
+        return collect_fashion_mnist(root)
+    if source == "imagefolder":
+        return collect_imagefolder(root)
+    raise DataError(f"data.source: {source!r} is not valid; choose one of: digits, fashion-mnist, imagefolder")
+
+
+def resolve_classes(requested: list | None, available: list[str], key: str) -> list[str]:
+    """Class names from a list of names or indices into `available`."""
+    if requested is None:
+        return list(available)
+    names = []
+    for c in requested:
+        if isinstance(c, int) and 0 <= c < len(available):
+            names.append(available[c])
+        elif isinstance(c, str) and c in available:
+            names.append(c)
+        else:
+            raise DataError(f"{key}: {c!r} is not a class of this dataset; valid: "
+                            f"{', '.join(available)} (or indices 0-{len(available) - 1})")
+    return names
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def take_per_class(indices: np.ndarray, labels: np.ndarray, n: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Keep at most n indices per class, chosen at random (seeded); return (kept, dropped)."""
+    if n is None:
+        return indices, indices[:0]
+    kept = []
+    for c in np.unique(labels[indices]):
+        idx = indices[labels[indices] == c]
+        kept.append(rng.permutation(idx)[:n])
+    kept = np.sort(np.concatenate(kept)) if kept else indices[:0]
+    return kept, np.setdiff1d(indices, kept)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    idx = np.arange(len(labels))
+    out = {"test": idx[:0], "val": idx[:0]}
+    counts = Counter(labels.tolist())
+    if min(counts.values()) < 3 and (val_fraction or test_fraction):
+        raise DataError(f"a class has only {min(counts.values())} usable images; stratified splitting needs at least 3 "
+                        "per class (add images or choose data.classes)")
+    rest = idx
+    if test_fraction > 0:
+        rest, out["test"] = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    if val_fraction > 0:
+        frac = val_fraction / (1.0 - test_fraction)
+        rest, out["val"] = train_test_split(rest, test_size=frac, stratify=labels[rest], random_state=seed + 1)
+    out["train"] = rest
+    return {k: np.sort(v) for k, v in out.items()}
+
+
+def decode_items(items: list[Item], size: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Decode each item once; (array or None, rejection reason or None) per item."""
+    arrays, reasons = [], []
+    for item in items:
+        try:
+            arr = decode_array(item.array, size) if item.array is not None else decode_file(item.path, size)
+            arrays.append(arr)
+            reasons.append(None)
+        except BadImage as e:
+            arrays.append(None)
+            reasons.append(str(e))
+    return arrays, reasons
+
+
+def find_leaks(arrays: list[np.ndarray], splits: list[str], refs: list[str]) -> list[list[str]]:
+    """Groups of identical decoded images that sit in more than one split (test data leaking into training)."""
+    by_hash = defaultdict(list)
+    for arr, split, ref in zip(arrays, splits, refs):
+        by_hash[hashlib.sha1(arr.tobytes()).hexdigest()].append((split, ref))
+    return [[f"{s}:{r}" for s, r in group] for group in by_hash.values() if len({s for s, _ in group}) > 1]
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    from transfer.io import write_text
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["ref", "label", "split", "status", "reason"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def to_tensor(arrays: list[np.ndarray], size: int) -> torch.Tensor:
+    if not arrays:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays))

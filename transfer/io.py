@@ -1,0 +1,220 @@
+"""Files in and out: atomic writes, the one safe weights loader, verified downloads.
+
+- Every output goes through a temporary file in the same folder and os.replace, so a killed
+  stage leaves either the old file or the new one, never half of one.
+- Weights are read from safetensors, or from torch files with weights_only=True and nothing
+  else: a checkpoint that needs arbitrary unpickling is refused, never retried unsafely.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+# Wrappers that training code adds in front of every key: DataParallel/DDP and torch.compile.
+KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsError(ValueError):
+    """A weights file is unsafe, unreadable or does not fit the model."""
+
+
+class ChecksumError(WeightsError):
+    """A downloaded file's sha256 is not the expected one."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Write tensors as safetensors, atomically. `meta` is kept as one sorted JSON string so that
+    identical inputs give identical bytes (safetensors keeps several metadata keys in hash order)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"meta": json.dumps(meta, sort_keys=True)} if meta is not None else None
+    write_bytes(path, st_save_bytes(tensors, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a safetensors file written by save_tensors: (tensors on CPU, meta)."""
+    path = Path(path)
+    data = _read_nonempty(path)
+    try:
+        tensors = st_load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not a valid safetensors file ({e}); it may be truncated: "
+                           "re-create it by re-running the stage that writes it") from None
+    meta = json.loads(header.get("__metadata__", {}).get("meta", "null")) or {}
+    return tensors, meta
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Training state (tensors, state dicts, numbers) via torch.save, atomically. Loadable with
+    weights_only=True: only tensors and plain containers go in, never modules or classes."""
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a torch checkpoint on CPU with weights_only=True; refuse anything that needs unpickling."""
+    path = Path(path)
+    _read_nonempty(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsError(
+            f"{path}: refused: the file pickles Python objects (a whole model or a custom class), which could "
+            f"run arbitrary code when loaded. Only weights (a state dict of tensors) are accepted. Ask for a "
+            f"state_dict or a .safetensors file instead. [{first}]") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read this torch file ({type(e).__name__}: {e}); "
+                           "it may be truncated or not a PyTorch checkpoint") from None
+    return obj
+
+
+def _read_nonempty(path: Path) -> bytes:
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    data = path.read_bytes()
+    if not data:
+        raise WeightsError(f"{path}: the file is empty (0 bytes); a download or a write was interrupted")
+    return data
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DataParallel's `module.` and torch.compile's `_orig_mod.` wherever they lead keys."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in KEY_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or a torch file (saved on any device) onto the CPU.
+
+    Accepts a bare state dict or a training checkpoint holding one under `model`/`state_dict`;
+    strips wrapper prefixes; refuses non-tensor values and NaN/Inf.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, _ = load_tensors(path)
+    else:
+        obj = load_checkpoint(path)
+        if isinstance(obj, dict):
+            for key in ("model", "state_dict", "model_state_dict"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+        if not isinstance(obj, dict):
+            raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+        state = obj
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {bad[:5]}; expected a state dict")
+    state = strip_prefixes(state)
+    check_finite(state, where=str(path))
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"{where}: NaN or Inf values in {bad[:5]}; the weights are corrupt "
+                           "(a diverged run?) and would poison every prediction")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str | Path, *, sha256: str | None = None, sha256_prefix: str | None = None) -> Path:
+    """Fetch `url` (http(s) or file://) into `dest`, verifying its sha256 (full or prefix, as
+    torchvision's file names carry). A cached file is reused only if it still verifies; a file
+    that fails verification is deleted and never left in the cache."""
+    dest = Path(dest)
+    expected = (sha256 or sha256_prefix or "").lower()
+    if dest.is_file() and expected and sha256_file(dest).startswith(expected):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, atomic_open(dest.with_name(dest.name + ".part")) as f:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                h.update(chunk)
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        raise WeightsError(
+            f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Fetch the file on a machine with "
+            f"network and put it at {dest}, or set pretrained.source: file and pretrained.path to it.") from None
+    part = dest.with_name(dest.name + ".part")
+    digest = h.hexdigest()
+    if expected and not digest.startswith(expected):
+        part.unlink()
+        raise ChecksumError(f"{url}: sha256 {digest} does not match the expected {expected}; "
+                            "the file was deleted, not cached. Check the URL and the checksum.")
+    os.replace(part, dest)
+    return dest
+
+
+def torchvision_hash_prefix(url: str) -> str | None:
+    """torchvision weight files are named `<name>-<first hex digits of sha256>.pth`."""
+    m = re.search(r"-([a-f0-9]{6,})\.", url.rsplit("/", 1)[-1])
+    return m.group(1) if m else None

@@ -1,0 +1,244 @@
+"""One validated view of params.yaml.
+
+Every key the pipeline reads is declared once in SCHEMA with its type, default and what it
+means. Loading rejects unknown keys, wrong types and bad values with a message that names the
+key, the value and the valid choices, before any stage does any work.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transfer.paths import PARAMS
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message says which key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # int | float | bool | str | list
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+    item: str | None = None  # element kind for lists: int | str | int_or_str | float
+
+
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "inception_v3",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "vit_b_16", "vit_b_32",
+)
+STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
+
+SCHEMA: dict[str, Any] = {
+    "seed": Field("int", 0, "seed for splits, initialisation, shuffling and augmentation", min=0),
+    "strategy": Field("str", "feature_extract", "how the finetune stage adapts the backbone", choices=STRATEGIES),
+    "data": {
+        "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder")),
+        "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
+        "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
+        "image_size": Field("int", 32, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
+        "val_fraction": Field("float", 0.1, "stratified validation fraction (single-tree sources)", min=0.0, max=0.9),
+        "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources)", min=0.0, max=0.9),
+        "train_per_class": Field("int", None, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
+        "eval_per_class": Field("int", None, "cap on val and test images per class, to keep evaluation quick; null = all", nullable=True, min=1),
+        "max_rejected_fraction": Field("float", 0.05, "prepare stops when more than this fraction of input files is unreadable", min=0.0, max=1.0),
+    },
+    "backbone": {
+        "arch": Field("str", "resnet18", "torchvision architecture", choices=ARCHS),
+    },
+    "pretrained": {
+        "source": Field("str", "train", "where backbone weights come from", choices=("torchvision", "url", "file", "train", "none")),
+        "weights": Field("str", "DEFAULT", "torchvision weights enum member, e.g. IMAGENET1K_V1 (source: torchvision)"),
+        "url": Field("str", "", "weights URL, file:// included (source: url)"),
+        "sha256": Field("str", "", "expected sha256 of the file at url (source: url); required for url"),
+        "path": Field("str", "data/raw/pretrained", "weights file trained elsewhere (source: file)"),
+        "train": {
+            "classes": Field("list", [0, 1, 2, 3, 4], "source-task classes of data.source (must not overlap data.classes)", item="int_or_str"),
+            "per_class": Field("int", 1000, "source-task training images per class", min=1),
+            "epochs": Field("int", 4, "source-task epochs", min=1),
+            "lr": Field("float", 0.05, "source-task SGD learning rate", min=0.0),
+            "batch_size": Field("int", 128, "source-task batch size", min=1),
+        },
+    },
+    "extract": {
+        "batch_size": Field("int", 512, "inference batch size for embeddings", min=1),
+    },
+    "train_head": {
+        "kind": Field("str", "linear", "classifier on the embeddings", choices=("linear", "mlp")),
+        "hidden": Field("int", 256, "hidden width of the mlp head", min=1),
+        "dropout": Field("float", 0.2, "dropout before the last layer of the mlp head", min=0.0, max=0.95),
+        "lr": Field("float", 0.01, "AdamW learning rate", min=0.0),
+        "epochs": Field("int", 200, "epochs over the cached embeddings", min=1),
+        "weight_decay": Field("float", 0.0001, "AdamW weight decay", min=0.0),
+        "batch_size": Field("int", 1024, "batch size over embeddings (full batch when larger than the split)", min=1),
+    },
+    "finetune": {
+        "epochs": Field("int", 15, "epochs for finetune / partial / scratch", min=1),
+        "lr": Field("float", 0.01, "learning rate of the head (and of everything, for scratch)", min=0.0),
+        "backbone_lr_factor": Field("float", 0.1, "backbone lr = lr * this (finetune, partial)", min=0.0, max=1.0),
+        "momentum": Field("float", 0.9, "SGD momentum", min=0.0, max=1.0),
+        "weight_decay": Field("float", 0.0005, "SGD weight decay", min=0.0),
+        "scheduler": Field("str", "cosine", "learning-rate schedule", choices=("step", "cosine", "none")),
+        "step_size": Field("int", 7, "StepLR step size in epochs", min=1),
+        "gamma": Field("float", 0.1, "StepLR decay", min=0.0, max=1.0),
+        "freeze_blocks": Field("int", 2, "partial: number of leading backbone blocks kept frozen", min=0),
+        "batch_size": Field("int", 32, "training batch size", min=1),
+        "augment_hflip": Field("bool", True, "random horizontal flips during training"),
+        "augment_pad": Field("int", 2, "random crops after padding by this many pixels (0 = off)", min=0),
+        "resume": Field("bool", False, "resume from models/checkpoints/finetune.pt when its settings match"),
+    },
+    "evaluate": {
+        "grid_images": Field("int", 24, "test images in the prediction grid", min=1, max=256),
+        "batch_size": Field("int", 512, "inference batch size", min=1),
+    },
+    "convert": {
+        "fp16": Field("bool", True, "also write a float16 copy of the weights"),
+    },
+    "runtime": {
+        "device": Field("str", "auto", "compute device", choices=("auto", "cpu", "cuda")),
+        "threads": Field("int", 0, "CPU threads for torch; 0 = torch's default", min=0),
+        "deterministic": Field("bool", False, "deterministic algorithms (slower on GPU; CPU runs are deterministic anyway)"),
+        "amp": Field("bool", True, "bfloat16 autocast on CUDA"),
+    },
+}
+
+
+class Params(dict):
+    """A validated section of params.yaml; keys read as attributes (p.finetune.lr)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Params) else v for k, v in self.items()}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    # bool is an int subclass in Python; `epochs: true` must not pass as 1.
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int_or_str":
+        return _type_ok("int", value) or isinstance(value, str)
+    if kind == "list":
+        return isinstance(value, list)
+    raise AssertionError(kind)
+
+
+def _check(key: str, field: Field, value: Any) -> Any:
+    if value is None:
+        if field.nullable:
+            return None
+        raise ParamsError(f"{key}: null is not allowed; expected {field.kind} ({field.doc})")
+    if not _type_ok(field.kind, value):
+        raise ParamsError(f"{key}: expected {field.kind}, got {type(value).__name__} {value!r} ({field.doc})")
+    if field.kind == "float":
+        value = float(value)
+    if field.choices is not None and value not in field.choices:
+        raise ParamsError(f"{key}: {value!r} is not valid; choose one of: {', '.join(map(str, field.choices))}")
+    if field.kind == "list":
+        for item in value:
+            if not _type_ok(field.item, item):
+                raise ParamsError(f"{key}: item {item!r} should be {field.item.replace('_', ' ')}")
+        if len(set(map(str, value))) != len(value):
+            raise ParamsError(f"{key}: {value!r} lists an entry twice")
+        if not value:
+            raise ParamsError(f"{key}: empty list; give at least one entry or null for all")
+    if field.min is not None and field.kind in ("int", "float") and value < field.min:
+        raise ParamsError(f"{key}: {value!r} is below the minimum {field.min} ({field.doc})")
+    if field.max is not None and field.kind in ("int", "float") and value > field.max:
+        raise ParamsError(f"{key}: {value!r} is above the maximum {field.max} ({field.doc})")
+    return value
+
+
+def _validate(schema: dict, raw: Any, prefix: str) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params.yaml'}: expected a mapping of keys, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(schema), n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ParamsError(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(schema)}")
+    out = Params()
+    for name, spec in schema.items():
+        key = f"{prefix}{name}"
+        if isinstance(spec, dict):
+            out[name] = _validate(spec, raw.get(name), key + ".")
+        else:
+            out[name] = _check(key, spec, raw[name] if name in raw else spec.default)
+    return out
+
+
+def _cross_checks(p: Params) -> None:
+    if p.data.val_fraction + p.data.test_fraction >= 1.0:
+        raise ParamsError(
+            f"data.val_fraction + data.test_fraction = {p.data.val_fraction + p.data.test_fraction:g}; "
+            "they must leave some images for training (sum below 1)")
+    if p.pretrained.source == "train" and p.data.classes is not None:
+        overlap = {str(c) for c in p.pretrained.train.classes} & {str(c) for c in p.data.classes}
+        if overlap:
+            raise ParamsError(
+                f"pretrained.train.classes and data.classes overlap on {sorted(overlap)}; the source task must be "
+                "disjoint from the target task, or the 'pretrained' backbone has already seen the test classes")
+    if p.pretrained.source == "train" and p.data.classes is None:
+        raise ParamsError("data.classes: null means every class, which overlaps pretrained.train.classes; "
+                          "list the target classes (disjoint from the source task)")
+    if p.pretrained.source == "url" and not (p.pretrained.url and p.pretrained.sha256):
+        raise ParamsError("pretrained.url and pretrained.sha256: both are required when pretrained.source is url "
+                          "(the checksum is what makes a download from a stranger safe to use)")
+    if p.pretrained.sha256 and (len(p.pretrained.sha256) != 64
+                                or any(c not in "0123456789abcdef" for c in p.pretrained.sha256.lower())):
+        raise ParamsError(f"pretrained.sha256: {p.pretrained.sha256!r} is not a 64-character hex digest")
+    if p.backbone.arch == "inception_v3" and p.data.image_size < 75:
+        raise ParamsError(f"data.image_size: {p.data.image_size} is too small for inception_v3 (needs at least 75)")
+    if p.backbone.arch.startswith("vit_") and p.data.image_size % int(p.backbone.arch[-2:]) != 0:
+        raise ParamsError(f"data.image_size: {p.data.image_size} must be a multiple of the patch size of {p.backbone.arch}")
+
+
+def validate(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML); return it with defaults filled in."""
+    params = _validate(SCHEMA, raw, "")
+    _cross_checks(params)
+    return params
+
+
+def load_params(path: str | Path = PARAMS) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root or pass the params file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return validate(raw)
+
+
+def defaults() -> dict:
+    """The full default params mapping (what params.yaml holds when nothing is changed)."""
+    return validate({"data": {"classes": [5, 6, 7, 8, 9]}}).to_dict()

@@ -1,0 +1,242 @@
+"""Training and inference loops shared by pretrain, extract, train_head, finetune and evaluate.
+
+Data stays uint8 (N, 3, S, S) in memory until a batch is taken; conversion to float,
+normalisation and augmentation happen per batch on the compute device, in channels_last.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transfer.io import load_checkpoint, save_checkpoint, write_text
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def configure_runtime(*, threads: int, deterministic: bool, seed: int) -> None:
+    """Threads, seeds and determinism, once per stage process."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls; cuDNN must not auto-tune.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_input(batch: torch.Tensor, *, mean, std, device: torch.device) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalised float32 on `device`, channels_last."""
+    x = batch.to(device, non_blocking=True).float().div_(255.0)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device):
+    pin = device.type == "cuda"
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        yield chunk.pin_memory() if pin else chunk
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
+            amp: bool = True) -> torch.Tensor:
+    """Model outputs (logits or embeddings) for uint8 images, as float32 on the CPU."""
+    model.eval().to(device, memory_format=torch.channels_last)
+    if len(images) == 0:  # an empty split still needs the output width
+        return predict(model, torch.zeros((1, *images.shape[1:]), dtype=torch.uint8), mean=mean, std=std,
+                       batch_size=1, device=device, amp=amp)[:0]
+    outs = []
+    for chunk in _batches(images, batch_size, device):
+        with _autocast(device, amp):
+            y = model(to_input(chunk, mean=mean, std=std, device=device))
+        outs.append(y.float().cpu())
+    return torch.cat(outs)
+
+
+def augment(batch: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop (after zero padding) and horizontal flip on a uint8 batch, on its device."""
+    b, _, h, w = batch.shape
+    if pad:
+        padded = F.pad(batch, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(batch.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(batch.device)
+        rows = (oy[:, None] + torch.arange(h, device=batch.device))[:, None, :, None]  # (B,1,H,1)
+        cols = (ox[:, None] + torch.arange(w, device=batch.device))[:, None, None, :]  # (B,1,1,W)
+        bidx = torch.arange(b, device=batch.device)[:, None, None, None]
+        cidx = torch.arange(batch.shape[1], device=batch.device)[None, :, None, None]
+        batch = padded[bidx, cidx, rows, cols]
+    if hflip:
+        flip = (torch.rand(b, generator=generator) < 0.5).to(batch.device)
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    return batch
+
+
+def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled epoch in near-equal batches: no ragged 1- or 2-image batch to upset BatchNorm."""
+    perm = torch.randperm(n, generator=generator)
+    return list(torch.tensor_split(perm, max(1, math.ceil(n / batch_size))))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+               head: nn.Module, lr: float, epochs: int, weight_decay: float, batch_size: int, seed: int,
+               device: torch.device) -> tuple[dict, list[dict], int]:
+    """Train a classifier on cached embeddings in memory; return (best-val state, history, best epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head.to(device)
+    train_x, train_y = train_x.to(device).float(), train_y.to(device)
+    val_x, val_y = val_x.to(device).float(), val_y.to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    history, best, best_state, best_epoch = [], -1.0, None, 0
+    for epoch in range(1, epochs + 1):
+        head.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for idx in _epoch_batches(len(train_y), batch_size, gen):
+            idx = idx.to(device)
+            logits = head(train_x[idx])
+            loss = F.cross_entropy(logits, train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == train_y[idx]).sum())
+            total += len(idx)
+        head.eval()
+        with torch.inference_mode():
+            val_logits = head(val_x)
+            val_loss = float(F.cross_entropy(val_logits, val_y)) if len(val_y) else float("nan")
+        val_acc = accuracy(val_logits, val_y)
+        history.append(dict(epoch=epoch, train_loss=loss_sum / total, train_acc=correct / total, val_loss=val_loss, val_acc=val_acc))
+        score = val_acc if len(val_y) else epoch  # no validation split: keep the last epoch
+        if score > best:
+            best, best_epoch = score, epoch
+            best_state = {k: v.detach().clone().cpu() for k, v in head.state_dict().items()}
+    return best_state, history, best_epoch
+
+
+def make_scheduler(optimizer, *, kind: str, epochs: int, step_size: int, gamma: float):
+    if kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
+        val_labels: torch.Tensor, param_groups: list[dict], epochs: int, batch_size: int, momentum: float,
+        weight_decay: float, scheduler: str, step_size: int, gamma: float, augment_pad: int, augment_hflip: bool,
+        mean, std, device: torch.device, amp: bool, seed: int, eval_batch_size: int = 512,
+        checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
+        log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
+    """SGD training with per-group learning rates; keeps the best-validation weights.
+
+    With `checkpoint`, the full training state (model, optimizer, scheduler, epoch, RNG states)
+    is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
+    matches these settings is continued, so a killed run ends exactly as an uninterrupted one.
+    """
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
+    sched = make_scheduler(optimizer, kind=scheduler, epochs=epochs, step_size=step_size, gamma=gamma)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    history: list[dict] = []
+    best_acc, best_epoch = -1.0, 0
+    best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+    start = 1
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            history, best_acc, best_epoch, best_state = state["history"], state["best_acc"], state["best_epoch"], state["best_state"]
+            start = state["epoch"] + 1
+            log(f"resuming from {checkpoint} after epoch {state['epoch']}")
+        else:
+            log(f"{checkpoint} was written with other settings; starting from epoch 1")
+    train_labels_dev = train_labels.to(device)
+    for epoch in range(start, epochs + 1):
+        model.train()
+        loss_sum, correct, total = 0.0, 0, 0
+        for idx in _epoch_batches(len(train_labels), batch_size, gen):
+            batch = train_images[idx].to(device, non_blocking=True)
+            if augment_pad or augment_hflip:
+                batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
+            x = to_input(batch, mean=mean, std=std, device=device)
+            y = train_labels_dev[idx.to(device)]
+            with _autocast(device, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(idx)
+        lr = optimizer.param_groups[-1]["lr"]
+        sched.step()
+        val_logits = predict(model, val_images, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
+        val_acc = accuracy(val_logits, val_labels)
+        val_loss = float(F.cross_entropy(val_logits, val_labels)) if len(val_labels) else float("nan")
+        history.append(dict(epoch=epoch, train_loss=loss_sum / total, train_acc=correct / total,
+                            val_loss=val_loss, val_acc=val_acc, lr=lr))
+        log(f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}, val acc {val_acc:.4f}")
+        score = val_acc if len(val_labels) else float(epoch)
+        if score > best_acc:
+            best_acc, best_epoch = score, epoch
+            best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
+                generator=gen.get_state(), torch_rng=torch.get_rng_state(), history=history, best_acc=best_acc,
+                best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
+    return best_state, history, best_epoch
+
+
+def write_curves(folder: Path, history: list[dict]) -> None:
+    """Training curves in dvclive's layout (folder/plots/metrics/{train,val}/<name>.tsv, columns
+    step and value) for `dvc plots`. Written directly: dvclive's Live() runs `dvc init` in any
+    enclosing git repo and fails in one without commits, side effects a stage must not have."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    series: dict[str, list[str]] = {}
+    for step, row in enumerate(history):
+        for key, value in row.items():
+            if key == "epoch" or value != value:  # NaN: no validation split
+                continue
+            name = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
+            series.setdefault(name, []).append(f"{step}\t{value}")
+    for name, lines in series.items():
+        leaf = name.rsplit("/", 1)[-1]
+        write_text(folder / "plots" / "metrics" / f"{name}.tsv", f"step\t{leaf}\n" + "\n".join(lines) + "\n")
