@@ -24,7 +24,7 @@ from transfer.models import ModelError
 from transfer.params import Params, load_params
 
 
-def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blocks: int, seed: int):
+def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blocks: int, seed: int, bn_frozen: bool = True):
     """The starting classifier for a strategy, and its description (model.json)."""
     head_desc = read_json(head_dir / "head.json")
     info = read_json(backbone_dir / "backbone.json")
@@ -39,6 +39,7 @@ def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blo
         state, _ = load_tensors(head_dir / "head.safetensors")
         head.load_state_dict(state)
     model = models.Classifier(backbone, head)
+    model.bn_frozen = bn_frozen and strategy != "scratch"
     if strategy == "partial":
         models.freeze_first_blocks(model, info["arch"], freeze_blocks)
     if strategy == "feature_extract":
@@ -64,7 +65,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     checkpoint.parent.mkdir(parents=True, exist_ok=True)  # a declared (persistent) output, even when unused
     device = training.pick_device(p.runtime.device)
     model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
-                              freeze_blocks=f.freeze_blocks, seed=p.seed)
+                              freeze_blocks=f.freeze_blocks, seed=p.seed, bn_frozen=f.bn_frozen)
     train, _ = load_tensors(paths.split_file(prepared_dir, "train"))
     val, _ = load_tensors(paths.split_file(prepared_dir, "val"))
     mean, std = meta["mean"], meta["std"]

@@ -131,6 +131,9 @@ def _scan_class_tree(folder: Path, root: Path, presplit: str | None, out: Collec
                                         reason=f"not an image extension ({f.suffix or 'none'})"))
             else:
                 out.items.append(Item(ref=ref, label=class_dir.name, presplit=presplit, path=f))
+    for hidden_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(".")):
+        for f in sorted(p for p in hidden_dir.rglob("*") if p.is_file()):
+            out.skipped.append(dict(ref=str(f), label="", split="", status="ignored", reason="hidden file or folder"))
     for f in sorted(folder.iterdir()):
         if f.is_file():
             status = "ignored" if f.name.startswith(".") else "rejected"

@@ -81,6 +81,9 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = head
         self.frozen: list[str] = []
+        # Pretrained BatchNorm statistics stay fixed while fine-tuning on small batches of a new
+        # dataset; a handful of batches per epoch would otherwise drag them far off.
+        self.bn_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -89,6 +92,10 @@ class Classifier(nn.Module):
         super().train(mode)
         for name in self.frozen:
             self.get_submodule(name).eval()
+        if mode and self.bn_frozen:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 
@@ -127,7 +134,8 @@ def blocks(backbone: nn.Module, arch: str) -> list[list[str]]:
             out.append(["classifier"])
         return out
     if fam == "inception":
-        return [[n] for n in names if n not in ("avgpool", "dropout", "fc", "AuxLogits")]
+        children = dict(backbone.named_children())
+        return [[n] for n in names if n not in ("fc", "AuxLogits") and any(True for _ in children[n].parameters())]
     if fam == "vit":
         layers = [[f"encoder.layers.{n}"] for n, _ in backbone.encoder.layers.named_children()]
         return [["conv_proj", "class_token", "encoder.pos_embedding"]] + layers + [["encoder.ln"]]

@@ -97,6 +97,7 @@ SCHEMA: dict[str, Any] = {
         "gamma": Field("float", 0.1, "StepLR decay", min=0.0, max=1.0),
         "freeze_blocks": Field("int", 2, "partial: number of leading backbone blocks kept frozen", min=0),
         "batch_size": Field("int", 32, "training batch size", min=1),
+        "bn_frozen": Field("bool", True, "finetune/partial: keep the pretrained BatchNorm statistics fixed (scratch always trains them)"),
         "augment_hflip": Field("bool", True, "random horizontal flips during training"),
         "augment_pad": Field("int", 2, "random crops after padding by this many pixels (0 = off)", min=0),
         "resume": Field("bool", False, "resume from models/checkpoints/finetune.pt when its settings match"),

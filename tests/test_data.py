@@ -1,0 +1,173 @@
+"""prepare on messy folders: every file accounted for, bad ones rejected with a reason."""
+import csv
+import io as _io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tree, write_image
+from stages.prepare import prepare
+from transfer import data
+from transfer.data import DataError
+from transfer.io import load_tensors
+
+
+def run_prepare(root, out, **kw):
+    args = dict(source="imagefolder", root=str(root), classes=None, image_size=8, val_fraction=0.2, test_fraction=0.2,
+                train_per_class=None, eval_per_class=None, max_rejected_fraction=0.5, seed=0,
+                out_dir=out / "prepared", metrics_path=out / "metrics.json")
+    args.update(kw)
+    return prepare(**args)
+
+
+def manifest(out):
+    with open(out / "prepared" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_name = {Path(r["ref"]).name: r for r in rows}
+    return by_name, rows
+
+
+def test_messy_folder_every_file_accounted(tmp_path):
+    root = make_tree(tmp_path / "raw", classes=("ants", "bees"), per_class=8)
+    a = root / "ants"
+    (a / "zero.jpg").write_bytes(b"")
+    (a / "text.jpg").write_text("this is not a jpeg")
+    buf = _io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(buf, format="JPEG")
+    (a / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    buf = _io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    (a / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (a / "notes.txt").write_text("hello")
+    (a / ".DS_Store").write_bytes(b"\0\1")
+    write_image(root / ".ipynb_checkpoints" / "x.png", seed=5)
+    write_image(a / ".ipynb_checkpoints" / "y.png", seed=6)
+    (root / "empty_class").mkdir()
+    # Unusual but fine: upper-case extension, CMYK, grayscale, 16-bit, palette, RGBA.
+    write_image(root / "bees" / "UPPER.PNG", seed=7)
+    write_image(root / "bees" / "cmyk.jpg", seed=8, mode="CMYK")
+    write_image(root / "bees" / "gray.png", seed=9, mode="L")
+    Image.fromarray(np.full((10, 10), 65535, np.uint16)).save(root / "bees" / "white16.png")
+    write_image(root / "bees" / "palette.png", seed=10, mode="P")
+    Image.fromarray(np.zeros((10, 10, 4), np.uint8)).save(root / "bees" / "transparent.png")  # fully transparent
+
+    counts = run_prepare(root, tmp_path / "out")
+    rows, all_rows = manifest(tmp_path / "out")
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(r["ref"] for r in all_rows) == files and counts["inputs"] == len(files)  # one row per file
+    for name in ("zero.jpg", "text.jpg", "cut.jpg", "cut.png", "notes.txt"):
+        assert rows[name]["status"] == "rejected", name
+    assert "empty" in rows["zero.jpg"]["reason"] and "truncated" in rows["cut.png"]["reason"]
+    assert "extension" in rows["notes.txt"]["reason"]
+    for name in (".DS_Store", "x.png", "y.png"):
+        assert rows[name]["status"] == "ignored"
+    for name in ("UPPER.PNG", "cmyk.jpg", "gray.png", "white16.png", "palette.png", "transparent.png"):
+        assert rows[name]["status"] == "used", name
+    report = json.loads((tmp_path / "out" / "prepared" / "report.json").read_text())
+    assert {Path(r["path"]).name for r in report["rejected"]} == {"zero.jpg", "text.jpg", "cut.jpg", "cut.png", "notes.txt"}
+    assert any("empty_class" in n for n in report["notes"])
+    assert json.loads((tmp_path / "out" / "prepared" / "classes.json").read_text()) == ["ants", "bees"]
+    assert counts["rejected"] == 5
+
+
+def test_conversions_are_correct_not_clipped():
+    assert data._to_rgb(Image.fromarray(np.full((2, 2), 65535, np.uint16))).getpixel((0, 0)) == (255, 255, 255)
+    assert data._to_rgb(Image.fromarray(np.full((2, 2), 32768, np.uint16))).getpixel((0, 0)) == (128, 128, 128)
+    assert data._to_rgb(Image.fromarray(np.zeros((2, 2, 4), np.uint8))).getpixel((0, 0)) == (255, 255, 255)
+    assert data._to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decompression_bomb_rejected(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "big.png", seed=0, size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px: over the limit, under 2x
+    with pytest.raises(data.BadImage, match="decompression bomb"):
+        data.decode_file(path, 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over 2x: Pillow raises outright
+    with pytest.raises(data.BadImage, match="decompression bomb"):
+        data.decode_file(path, 8)
+    from PIL import ImageFile
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # never switched on globally
+
+
+def test_too_many_rejections_stop_with_the_report(tmp_path):
+    root = make_tree(tmp_path / "raw", per_class=4)
+    for i in range(3):
+        (root / "ants" / f"bad{i}.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"3 of 11 input files .* more than data.max_rejected_fraction=0.1"):
+        run_prepare(root, tmp_path / "out", max_rejected_fraction=0.1)
+    assert len(json.loads((tmp_path / "out" / "prepared" / "report.json").read_text())["rejected"]) == 3
+    assert not (tmp_path / "out" / "prepared" / "train.safetensors").exists()
+
+
+def test_root_without_class_folders(tmp_path):
+    (tmp_path / "flat").mkdir()
+    write_image(tmp_path / "flat" / "a.png", seed=0)
+    with pytest.raises(DataError, match="no class folders with images"):
+        run_prepare(tmp_path / "flat", tmp_path / "out")
+    with pytest.raises(DataError, match="is not a folder"):
+        run_prepare(tmp_path / "missing", tmp_path / "out")
+
+
+def test_presplit_trees_with_differing_classes_and_leaks(tmp_path):
+    root = tmp_path / "hymenoptera"
+    make_tree(root / "train", classes=("ants", "bees"), per_class=6, seed=1)
+    make_tree(root / "val", classes=("ants", "bees", "wasps"), per_class=4, seed=2)
+    shutil.copy(root / "train" / "ants" / "img0.png", root / "val" / "ants" / "leaked.png")
+    counts = run_prepare(root, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "prepared" / "report.json").read_text())
+    assert any("class sets differ" in n and "wasps" in n for n in report["notes"])
+    assert any("val/ was split in half" in n for n in report["notes"])
+    assert len(report["leaks"]) == 1 and any("leaked.png" in r for r in report["leaks"][0])
+    assert counts["leaked_groups"] == 1
+    rows = [r for r in csv.DictReader(open(tmp_path / "out" / "prepared" / "manifest.csv")) if "wasps" in r["ref"]]
+    assert len(rows) == 4 and all(r["status"] == "excluded" for r in rows)
+    assert counts["train_images"] == 12 and counts["val_images"] + counts["test_images"] == 9
+
+
+def test_digits_split_budget_and_manifest(tmp_path):
+    counts = run_prepare("unused", tmp_path / "out", source="digits", classes=[5, "6", 7], image_size=16,
+                         train_per_class=5, eval_per_class=20)
+    assert counts == {"inputs": 1797, "rejected": 0, "leaked_groups": 0, "classes": 3, "train_images": 15,
+                      "val_images": 60, "test_images": 60}
+    train, meta = load_tensors(tmp_path / "out" / "prepared" / "train.safetensors")
+    assert train["images"].dtype == torch.uint8 and train["images"].shape == (15, 3, 16, 16)
+    assert torch.bincount(train["labels"]).tolist() == [5, 5, 5] and meta["classes"] == ["5", "6", "7"]
+    statuses = [r["status"] for r in csv.DictReader(open(tmp_path / "out" / "prepared" / "manifest.csv"))]
+    from sklearn.datasets import load_digits
+    selected = int(np.isin(load_digits().target, [5, 6, 7]).sum())
+    assert statuses.count("used") == 135 and statuses.count("unused") == selected - 135
+    assert statuses.count("excluded") == 1797 - selected
+    again = run_prepare("unused", tmp_path / "again", source="digits", classes=[5, "6", 7], image_size=16,
+                        train_per_class=5, eval_per_class=20)
+    assert again == counts
+    assert (tmp_path / "again/prepared/train.safetensors").read_bytes() == (tmp_path / "out/prepared/train.safetensors").read_bytes()
+
+
+def test_budget_larger_than_data_and_unknown_class(tmp_path):
+    with pytest.raises(DataError, match="data.train_per_class: 500 is more than the training images"):
+        run_prepare("x", tmp_path / "out", source="digits", classes=[1], train_per_class=500)
+    with pytest.raises(DataError, match="data.classes: 'zebra' is not a class"):
+        run_prepare("x", tmp_path / "out", source="digits", classes=["zebra"])
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    import gzip
+
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in imgs.shape) + imgs.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes())
+    collected = data.collect("fashion-mnist", folder)
+    assert len(collected.items) == 60 and collected.classes[9] == "Ankle boot"
+    assert collected.items[41].ref == "t10k-images-idx3-ubyte.gz#1" and collected.items[41].label == "Trouser"

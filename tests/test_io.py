@@ -1,0 +1,115 @@
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from transfer import io
+from transfer.io import ChecksumError, WeightsError
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    io.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_open(target, "w") as f:
+            f.write('{"v": 2, "half')
+            raise RuntimeError("killed")
+    assert io.read_json(target) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8])
+def test_sigkill_mid_write_leaves_old_file_intact(tmp_path, delay):
+    target = tmp_path / "weights.safetensors"
+    io.save_tensors(target, {"w": torch.zeros(4)})
+    before = target.read_bytes()
+    code = ("import torch, sys; sys.path.insert(0, %r); from transfer import io\n"
+            "io.save_tensors(%r, {'w': torch.ones(64 * 2**20)})" % (str(ROOT), str(target)))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tensors, _ = io.load_tensors(target)  # whatever moment it died, the file is complete
+    assert target.read_bytes() == before or tensors["w"].numel() == 64 * 2**20
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("PAYLOAD RAN",))
+
+
+def test_pickled_module_and_custom_class_are_refused(tmp_path, capfd):
+    whole = tmp_path / "model.pt"
+    torch.save(nn.Linear(2, 2), whole)
+    with pytest.raises(WeightsError, match="refused: the file pickles Python objects"):
+        io.load_state_dict(whole)
+    evil = tmp_path / "evil.pt"
+    torch.save({"fc.weight": torch.zeros(1), "x": Payload()}, evil)
+    with pytest.raises(WeightsError, match="refused"):
+        io.load_state_dict(evil)
+    assert "PAYLOAD RAN" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_empty_and_truncated_weights_are_clear_errors(tmp_path, suffix):
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightsError, match="empty"):
+        io.load_state_dict(empty)
+    good = tmp_path / f"good{suffix}"
+    state = {"w": torch.randn(1000)}
+    io.save_tensors(good, state) if suffix == ".safetensors" else torch.save(state, good)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        io.load_state_dict(cut)
+
+
+def test_nan_weights_refused_and_prefixes_stripped(tmp_path):
+    path = tmp_path / "ddp_compiled.pt"
+    torch.save({"module._orig_mod.fc.weight": torch.ones(2, 2), "module.fc.bias": torch.zeros(2)}, path)
+    assert set(io.load_state_dict(path)) == {"fc.weight", "fc.bias"}
+    bad = tmp_path / "nan.safetensors"
+    io.save_tensors(bad, {"w": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(WeightsError, match="NaN or Inf"):
+        io.load_state_dict(bad)
+
+
+def test_training_checkpoint_holds_state_dict(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    io.save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3})
+    assert set(io.load_state_dict(path)) == {"weight", "bias"}
+    assert io.load_checkpoint(path)["epoch"] == 3
+
+
+def test_download_verifies_checksum_and_never_caches_a_bad_file(tmp_path):
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"real weights" * 1000)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache" / "weights.bin"
+    with pytest.raises(ChecksumError, match="does not match"):
+        io.download(src.as_uri(), cache, sha256="0" * 64)
+    assert not cache.exists() and list(cache.parent.iterdir()) == []
+    assert io.download(src.as_uri(), cache, sha256=digest).read_bytes() == src.read_bytes()
+    src.unlink()  # a verified cached copy is reused without the network
+    assert io.download(src.as_uri(), cache, sha256=digest) == cache
+    with pytest.raises(WeightsError, match="could not download"):
+        io.download(src.as_uri(), tmp_path / "other.bin", sha256=digest)
+
+
+def test_identical_inputs_give_identical_bytes(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    meta = {"z": 1, "a": [1, 2], "m": {"y": 2, "b": 1}}
+    io.save_tensors(a, {"x": torch.arange(5.0), "y": torch.ones(2)}, meta=meta)
+    io.save_tensors(b, {"y": torch.ones(2), "x": torch.arange(5.0)}, meta=dict(reversed(list(meta.items()))))
+    assert a.read_bytes() == b.read_bytes()
+    assert io.load_tensors(a)[1] == meta

@@ -1,0 +1,198 @@
+"""Each stage's main() on tiny digits data in tmp_path, in pipeline order, and the failure paths."""
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, tiny_params, write_params
+from transfer import io, models
+from transfer.io import load_tensors, read_json
+
+STAGES = ("prepare", "pretrain", "extract", "train_head", "finetune", "evaluate", "convert")
+
+
+def run_stage(name: str, cwd: Path = None):
+    """A stage's main(), in this process (cwd is the project root: the in_tmp fixture)."""
+    importlib.import_module(f"stages.{name}").main()
+
+
+def stage_error(name: str) -> str:
+    """Run a stage that must fail; return its message."""
+    with pytest.raises(SystemExit) as e:
+        run_stage(name)
+    return str(e.value.code)
+
+
+def run_pipeline(cwd: Path, stages=STAGES):
+    for name in stages:
+        run_stage(name, cwd)
+
+
+def test_whole_chain_with_source_task_pretraining(in_tmp):
+    write_params(in_tmp, tiny_params(strategy="finetune"))
+    run_pipeline(in_tmp)
+    info = read_json(in_tmp / "models/backbone/backbone.json")
+    assert info["source"] == "train" and info["feature_dim"] == 512 and info["num_blocks"] == 5
+    assert info["sha256"] == io.sha256_file(in_tmp / "models/backbone/backbone.safetensors")
+    pre = read_json(in_tmp / "metrics/pretrain.json")
+    assert pre["source_classes"] == ["0", "1", "2", "3", "4"] and pre["source_val_accuracy"] > 0.3
+    emb, meta = load_tensors(in_tmp / "data/embeddings/test.safetensors")
+    assert emb["embeddings"].shape == (75, 512) and emb["embeddings"].dtype == torch.float16
+    ev = read_json(in_tmp / "metrics/evaluate.json")
+    assert ev["test_images"] == 75 and set(ev["per_class"]) == {"5", "6", "7", "8", "9"} and ev["accuracy"] > 0.2
+    rows = (in_tmp / "metrics/predictions.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 76
+    from PIL import Image
+    assert Image.open(in_tmp / "metrics/prediction_grid.png").size == (6 * 96, 4 * (96 + 26))
+    conv = read_json(in_tmp / "metrics/convert.json")
+    assert conv["fp32_agreement"] == 1.0 and conv["fp32_max_abs_logit_diff"] == 0.0 and conv["fp16_agreement"] > 0.9
+    curves = in_tmp / "metrics/curves/finetune/plots/metrics/val/acc.tsv"
+    assert curves.read_text().splitlines()[0] == "step\tacc" and len(curves.read_text().splitlines()) == 4
+    export = in_tmp / "models/export/model_fp16.safetensors"
+    state, meta = load_tensors(export)
+    assert state["head.fc.weight"].dtype == torch.float16 and meta["classes"] == ["5", "6", "7", "8", "9"]
+
+
+def test_strategies_train_what_they_should(in_tmp):
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}))
+    run_pipeline(in_tmp, STAGES[:4])
+    backbone, _ = load_tensors(in_tmp / "models/backbone/backbone.safetensors")
+    head, _ = load_tensors(in_tmp / "models/head/head.safetensors")
+    results = {}
+    for strategy in ("feature_extract", "finetune", "partial", "scratch"):
+        write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy=strategy, finetune={"freeze_blocks": 2}))
+        run_stage("finetune", in_tmp)
+        model, _ = load_tensors(in_tmp / "models/model/model.safetensors")
+        results[strategy] = (model, read_json(in_tmp / "metrics/finetune.json"))
+    same = lambda m, key: torch.equal(m[f"backbone.{key}"], backbone[key])
+    fe, ft, pa, sc = (results[s][0] for s in ("feature_extract", "finetune", "partial", "scratch"))
+    assert all(same(fe, k) for k in backbone) and torch.equal(fe["head.fc.weight"], head["fc.weight"])
+    assert not same(ft, "conv1.weight") and not same(ft, "layer4.1.conv2.weight")
+    assert same(pa, "conv1.weight") and same(pa, "layer1.0.conv1.weight") and not same(pa, "layer3.0.conv1.weight")
+    assert same(pa, "layer1.0.bn1.running_mean")  # frozen blocks keep their BatchNorm statistics
+    assert not same(sc, "conv1.weight") and not same(sc, "bn1.running_mean")
+    assert results["feature_extract"][1]["trainable_params"] == 0
+    assert results["partial"][1]["trainable_params"] < results["finetune"][1]["trainable_params"]
+
+
+def _resnet_file(path: Path, prefix="") -> dict:
+    torch.manual_seed(1)
+    net = __import__("torchvision").models.resnet18(num_classes=1000)
+    state = {prefix + k: v for k, v in net.state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+def test_pretrained_from_torchvision_through_a_mirror(in_tmp, monkeypatch):
+    import torchvision
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    mirror = in_tmp / "mirror"
+    mirror.mkdir()
+    name = weights.url.rsplit("/", 1)[-1]
+    state = _resnet_file(mirror / name)
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "torch"))
+    monkeypatch.setenv("TRANSFER_WEIGHTS_MIRROR", mirror.as_uri())
+    write_params(in_tmp, tiny_params(pretrained={"source": "torchvision", "weights": "IMAGENET1K_V1"}))
+    run_stage("prepare")
+    # Our stand-in file's sha256 does not start with the prefix torchvision publishes in the name.
+    msg = stage_error("pretrain")
+    assert "does not match the expected" in msg and "deleted, not cached" in msg
+    assert not list((in_tmp / "torch").rglob("*.pth"))
+    # Published under a name that carries its own checksum prefix, it verifies, loads and is cached.
+    prefixed = name.rsplit("-", 1)[0] + f"-{io.sha256_file(mirror / name)[:8]}.pth"
+    (mirror / name).rename(mirror / prefixed)
+    monkeypatch.setattr(weights.value, "url", f"https://download.pytorch.org/models/{prefixed}")
+    run_stage("pretrain")
+    info = read_json(in_tmp / "models/backbone/backbone.json")
+    assert info["source"] == "torchvision" and info["mean"] == [0.485, 0.456, 0.406]
+    got, _ = load_tensors(in_tmp / "models/backbone/backbone.safetensors")
+    assert torch.equal(got["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    assert read_json(in_tmp / "models/backbone/load_report.json")["counts"] == {"loaded": 120, "skipped": 0, "missing": 0}
+    assert (in_tmp / "torch/hub/checkpoints" / prefixed).is_file()
+
+
+def test_offline_torchvision_source_says_what_to_do(in_tmp, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "torch"))
+    monkeypatch.setenv("TRANSFER_WEIGHTS_MIRROR", (in_tmp / "nowhere").as_uri())
+    write_params(in_tmp, tiny_params(pretrained={"source": "torchvision", "weights": "IMAGENET1K_V1"}))
+    msg = stage_error("pretrain")
+    assert "could not download" in msg and "pretrained.source: file" in msg
+    write_params(in_tmp, tiny_params(pretrained={"source": "torchvision", "weights": "IMAGENET9K"}))
+    assert ("pretrained.weights: 'IMAGENET9K' is not a weights name of resnet18; choose one of: DEFAULT, IMAGENET1K_V1"
+            in stage_error("pretrain"))
+
+
+def test_pretrained_from_url_and_from_file(in_tmp, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "torch"))
+    state = _resnet_file(in_tmp / "a.pth", prefix="module.")
+    digest = io.sha256_file(in_tmp / "a.pth")
+    write_params(in_tmp, tiny_params(pretrained={"source": "url", "url": (in_tmp / "a.pth").as_uri(), "sha256": "1" * 64}))
+    assert "does not match" in stage_error("pretrain")
+    write_params(in_tmp, tiny_params(pretrained={"source": "url", "url": (in_tmp / "a.pth").as_uri(), "sha256": digest}))
+    run_stage("pretrain", in_tmp)
+    report = read_json(in_tmp / "models/backbone/load_report.json")
+    assert report["counts"] == {"loaded": 120, "skipped": 0, "missing": 0}  # DataParallel prefix stripped, fc dropped
+    # file: model A (a network with another head) into model B
+    write_params(in_tmp, tiny_params(pretrained={"source": "file", "path": "a.pth"}))
+    run_stage("pretrain", in_tmp)
+    report = read_json(in_tmp / "models/backbone/load_report.json")
+    assert report["skipped"] == {"fc.weight": "not in this backbone", "fc.bias": "not in this backbone"}
+    got, _ = load_tensors(in_tmp / "models/backbone/backbone.safetensors")
+    assert torch.equal(got["conv1.weight"], state["module.conv1.weight"])
+    torch.save(nn.Linear(2, 2), in_tmp / "a.pth")  # a stranger's pickled module
+    assert "refused" in stage_error("pretrain")
+
+
+def test_finetune_resumes_after_sigkill_and_matches_uninterrupted(in_tmp):
+    params = tiny_params(strategy="finetune", pretrained={"source": "none"}, finetune={"epochs": 6, "resume": True})
+    write_params(in_tmp, params)
+    run_pipeline(in_tmp, STAGES[:4])
+    run_stage("finetune", in_tmp)
+    reference = (in_tmp / "models/model/model.safetensors").read_bytes()
+    ckpt = in_tmp / "models/checkpoints/finetune.pt"
+    ckpt.unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # kill as soon as epoch 2 is reported, mid-run
+        if line.startswith("epoch 2/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert 1 <= io.load_checkpoint(ckpt)["epoch"] < 6
+    r = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert "resuming from" in r.stdout and "epoch 1/" not in r.stdout, r.stdout + r.stderr
+    assert (in_tmp / "models/model/model.safetensors").read_bytes() == reference
+    # A checkpoint from other settings is not resumed.
+    write_params(in_tmp, {**params, "finetune": {**params["finetune"], "lr": 0.02}})
+    r = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert "other settings; starting from epoch 1" in r.stdout
+
+
+def test_partial_with_too_many_blocks_stops_before_training(in_tmp):
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}))
+    run_pipeline(in_tmp, STAGES[:4])
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy="partial", finetune={"freeze_blocks": 9}))
+    assert "freeze_blocks: 9 is more than the 5 blocks of resnet18" in stage_error("finetune")
+    assert not (in_tmp / "models/model").exists()
+
+
+def test_convert_loads_gpu_style_checkpoints_on_cpu(tmp_path):
+    meta = dict(arch="resnet18", image_size=16, num_classes=3, head=dict(kind="linear"))
+    model = models.build_classifier(meta)
+    # What DataParallel + torch.compile training saves: prefixed keys inside a training checkpoint.
+    io.save_checkpoint(tmp_path / "ckpt.pt", {"model": {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()},
+                                              "epoch": 4})
+    again = models.load_model(tmp_path / "ckpt.pt", meta)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), again.eval()
+    assert torch.equal(model(x), again(x))
