@@ -13,7 +13,6 @@ $(BIN)/dvc: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch/torchvision are pinned to the builds this platform serves from local disk;
 	# other pins pull several GB from the network.
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -26,6 +25,7 @@ data:
 		echo "note: could not install dataset-fashion-mnist; prepare will try data/raw or a download"; \
 	fi
 	mkdir -p data/raw/fashion-mnist data/raw/pretrained
+	@[ -f data/raw/pretrained/README.txt ] || echo "Put weights files here for pretrained.source: file (pretrained.path: data/raw/pretrained/NAME.pt)." > data/raw/pretrained/README.txt
 	@if [ -d $(FMNIST_DEB) ]; then cp -u $(FMNIST_DEB)/*-ubyte.gz data/raw/fashion-mnist/; fi
 
 test:

@@ -76,3 +76,8 @@ def test_stage_stops_before_work_on_bad_params(in_tmp):
                        env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert r.returncode != 0 and "finetune.lr: -1.0 is below the minimum" in r.stderr
     assert not (in_tmp / "data").exists()  # nothing was written
+
+
+def test_committed_params_are_the_schema_defaults():
+    # One place for defaults: params.yaml as committed is exactly what the schema documents.
+    assert validate(yaml.safe_load((ROOT / "params.yaml").read_text())).to_dict() == defaults()

@@ -88,12 +88,14 @@ def test_repro_then_experiments_rerun_only_what_changed(repo):
 
     diff = dvc(repo, "metrics", "diff", "--json").stdout
     assert "metrics/train_head.json" in json.loads(diff)
-    show = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    assert len(show[0]["experiments"] or []) >= 2 or "exps" in json.dumps(show)
+    names = dvc(repo, "exp", "list", "--name-only").stdout.split()
+    assert len(names) == 2
+    show = dvc(repo, "exp", "show", "--json").stdout
+    assert all(f'"name": "{n}"' in show for n in names) and '"strategy": "finetune"' in show
     dvc(repo, "plots", "show", "-o", str(repo / "plots_out"))
     html = (repo / "plots_out" / "index.html").read_text()
     assert "predictions.csv" in html and "prediction_grid.png" in html
-    assert "curves/finetune" in html and "curves/train_head" in html
+    assert "Training curves (finetune)" in html and "Training curves (head)" in html
 
 
 def test_repro_twice_gives_identical_weights_and_metrics(repo):
@@ -118,6 +120,7 @@ def test_sigkill_mid_stage_then_repro_completes(repo, stage, delay):
     status = dvc(repo, "status").stdout
     assert "changed" in status or "modified" in status or "deleted" in status, status
     r = dvc(repo, "repro")
-    assert stage in ran(r.stdout)
+    # Re-run, or restored from DVC's run cache (same deps and params, so the same outputs).
+    assert stage in ran(r.stdout) or f"Stage '{stage}' is cached" in r.stdout, r.stdout
     assert fingerprint(repo) == before  # the interrupted run left nothing that changed the result
     assert "up to date" in dvc(repo, "status").stdout.lower() or dvc(repo, "status").stdout.strip() == ""

@@ -53,8 +53,8 @@ SCHEMA: dict[str, Any] = {
         "image_size": Field("int", 32, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
         "val_fraction": Field("float", 0.1, "stratified validation fraction (single-tree sources)", min=0.0, max=0.9),
         "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources)", min=0.0, max=0.9),
-        "train_per_class": Field("int", None, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
-        "eval_per_class": Field("int", None, "cap on val and test images per class, to keep evaluation quick; null = all", nullable=True, min=1),
+        "train_per_class": Field("int", 5, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
+        "eval_per_class": Field("int", 300, "cap on val and test images per class, to keep evaluation quick; null = all", nullable=True, min=1),
         "max_rejected_fraction": Field("float", 0.05, "prepare stops when more than this fraction of input files is unreadable", min=0.0, max=1.0),
     },
     "backbone": {
@@ -68,8 +68,8 @@ SCHEMA: dict[str, Any] = {
         "path": Field("str", "data/raw/pretrained", "weights file trained elsewhere (source: file)"),
         "train": {
             "classes": Field("list", [0, 1, 2, 3, 4], "source-task classes of data.source (must not overlap data.classes)", item="int_or_str"),
-            "per_class": Field("int", 1000, "source-task training images per class", min=1),
-            "epochs": Field("int", 4, "source-task epochs", min=1),
+            "per_class": Field("int", 1500, "source-task training images per class", min=1),
+            "epochs": Field("int", 6, "source-task epochs", min=1),
             "lr": Field("float", 0.05, "source-task SGD learning rate", min=0.0),
             "batch_size": Field("int", 128, "source-task batch size", min=1),
         },
