@@ -62,7 +62,6 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
                  checkpoint: Path, metrics_path: Path, curves_dir: Path) -> dict:
     """Build the model for p.strategy, train it if the strategy trains, keep the best-val weights."""
     f = p.finetune
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)  # a declared (persistent) output, even when unused
     device = training.pick_device(p.runtime.device)
     model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
                               freeze_blocks=f.freeze_blocks, seed=p.seed, bn_frozen=f.bn_frozen)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torchvision
 from torch import nn
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -40,6 +39,8 @@ def family(arch: str) -> str:
 
 
 def _construct(arch: str, image_size: int) -> nn.Module:
+    import torchvision  # here, not at the top: train_head needs heads only, and torchvision adds ~1.5 s per process
+
     kwargs = {}
     if arch == "inception_v3":
         # Aux logits only matter for training from scratch at 299 px; the normalisation that

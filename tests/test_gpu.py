@@ -1,0 +1,55 @@
+"""GPU paths. Marked `gpu`: skipped without CUDA (CI has none); run them where a GPU is lent."""
+import pytest
+import torch
+
+from transfer import io, models, training
+
+pytestmark = pytest.mark.gpu
+
+
+def _data(n=64, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % 3
+
+
+def test_cuda_saved_checkpoint_loads_on_cpu(tmp_path):
+    meta = dict(arch="resnet18", image_size=32, num_classes=3, head=dict(kind="linear"))
+    model = models.build_classifier(meta).cuda()
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "gpu.pt")
+    state = io.load_state_dict(tmp_path / "gpu.pt")
+    assert all(v.device.type == "cpu" for v in state.values())
+    again = models.load_model(tmp_path / "gpu.pt", meta)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.eval().cpu()(x), again.eval()(x))
+
+
+def test_gpu_predictions_match_cpu():
+    images, _ = _data()
+    backbone, _ = models.build_backbone("resnet18", 32)
+    kw = dict(mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, batch_size=32)
+    cpu = training.predict(backbone, images, device=torch.device("cpu"), **kw)
+    gpu = training.predict(backbone, images, device=torch.device("cuda"), amp=False, **kw)
+    bf16 = training.predict(backbone, images, device=torch.device("cuda"), amp=True, **kw)
+    assert torch.allclose(cpu, gpu, atol=1e-3, rtol=1e-3)
+    assert torch.nn.functional.cosine_similarity(cpu, bf16).min() > 0.99
+
+
+def test_deterministic_finetune_on_gpu_is_bit_identical():
+    training.configure_runtime(threads=0, deterministic=True, seed=0)
+    try:
+        images, labels = _data()
+        results = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            backbone, dim = models.build_backbone("resnet18", 32)
+            model = models.Classifier(backbone, models.make_head("linear", dim, 3))
+            best, _, _ = training.fit(
+                model, train_images=images, train_labels=labels, val_images=images[:16], val_labels=labels[:16],
+                param_groups=[{"params": model.parameters(), "lr": 0.01}], epochs=2, batch_size=16, momentum=0.9,
+                weight_decay=0.0, scheduler="cosine", step_size=1, gamma=1.0, augment_pad=2, augment_hflip=True,
+                mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=torch.device("cuda"), amp=True, seed=0,
+                log=lambda _: None)
+            results.append(best)
+        assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    finally:
+        torch.use_deterministic_algorithms(False)
