@@ -171,3 +171,36 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     collected = data.collect("fashion-mnist", folder)
     assert len(collected.items) == 60 and collected.classes[9] == "Ankle boot"
     assert collected.items[41].ref == "t10k-images-idx3-ubyte.gz#1" and collected.items[41].label == "Trouser"
+
+
+@pytest.mark.skipif(not data.FASHION_MNIST_SYSTEM.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist_download_path_through_a_local_mirror(tmp_path, monkeypatch):
+    """No IDX files in data.root or the system folder: torchvision's download runs, with its md5
+    checks, against a mirror on 127.0.0.1 serving the real files."""
+    import functools
+    import http.server
+    import threading
+
+    from torchvision.datasets import FashionMNIST
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data.FASHION_MNIST_SYSTEM))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+        # Debian re-compressed the archives, so torchvision's md5 table gets the served files' md5s.
+        import hashlib
+        served = [(name, hashlib.md5((data.FASHION_MNIST_SYSTEM / name).read_bytes()).hexdigest())
+                  for name, _ in FashionMNIST.resources]
+        monkeypatch.setattr(FashionMNIST, "resources", served)
+        monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM", tmp_path / "no-system-copy")
+        folder = data.fashion_mnist_folder(tmp_path / "root")
+        assert folder == tmp_path / "root" / "torchvision" / "FashionMNIST" / "raw"
+        assert len(data.collect("fashion-mnist", tmp_path / "root").items) == 70000
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Offline (nothing listens there any more): a clear error saying how to supply the files.
+    with pytest.raises(DataError, match="Install Debian's dataset-fashion-mnist"):
+        data.fashion_mnist_folder(tmp_path / "elsewhere")

@@ -67,7 +67,10 @@ def test_strategies_train_what_they_should(in_tmp):
     head, _ = load_tensors(in_tmp / "models/head/head.safetensors")
     results = {}
     for strategy in ("feature_extract", "finetune", "partial", "scratch"):
-        write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy=strategy, finetune={"freeze_blocks": 2}))
+        # StepLR as in the tutorials for one of them; cosine (the default) for the others.
+        scheduler = "step" if strategy == "partial" else "cosine"
+        write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy=strategy,
+                                         finetune={"freeze_blocks": 2, "scheduler": scheduler, "step_size": 1, "gamma": 0.5}))
         run_stage("finetune", in_tmp)
         model, _ = load_tensors(in_tmp / "models/model/model.safetensors")
         results[strategy] = (model, read_json(in_tmp / "metrics/finetune.json"))
@@ -79,6 +82,8 @@ def test_strategies_train_what_they_should(in_tmp):
     assert same(pa, "layer1.0.bn1.running_mean")  # frozen blocks keep their BatchNorm statistics
     assert not same(sc, "conv1.weight") and not same(sc, "bn1.running_mean")
     assert results["feature_extract"][1]["trainable_params"] == 0
+    lrs = (in_tmp / "metrics/curves/finetune/plots/metrics/lr.tsv").read_text().split()  # the last run: scratch, cosine
+    assert float(lrs[-1]) < float(lrs[3]) == pytest.approx(0.01)
     assert results["partial"][1]["trainable_params"] < results["finetune"][1]["trainable_params"]
 
 
@@ -196,3 +201,17 @@ def test_convert_loads_gpu_style_checkpoints_on_cpu(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     model.eval(), again.eval()
     assert torch.equal(model(x), again(x))
+
+
+def test_mlp_head_keeps_its_best_validation_epoch(in_tmp):
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}, train_head={"kind": "mlp", "hidden": 32, "epochs": 40}))
+    run_pipeline(in_tmp, STAGES[:4])
+    head, meta = load_tensors(in_tmp / "models/head/head.safetensors")
+    assert head["fc1.weight"].shape == (32, 512) and head["fc2.weight"].shape == (5, 32)
+    metrics = read_json(in_tmp / "metrics/train_head.json")
+    curve = [float(v) for v in (in_tmp / "metrics/curves/train_head/plots/metrics/val/acc.tsv").read_text().split()[3::2]]
+    assert len(curve) == 40 and metrics["val_acc"] == pytest.approx(max(curve))
+    assert curve.index(max(curve)) + 1 == metrics["best_epoch"]
+    run_stage("finetune")  # feature_extract with the mlp head
+    run_stage("evaluate")
+    assert read_json(in_tmp / "metrics/evaluate.json")["test_images"] == 75
