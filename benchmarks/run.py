@@ -32,15 +32,16 @@ BASELINE_BATCH = 64
 # ---------------------------------------------------------------- data
 
 
-def build_data(folder: Path, image_size: int, train_per_class: int, eval_per_class: int) -> None:
-    """Fashion-MNIST classes 5-9 prepared by the pipeline's own prepare(), plus the same pixels as
-    PNG files in the ImageFolder layout the tutorials read."""
+def build_data(folder: Path, image_size: int, train_per_class: int, eval_per_class: int, *, source: str = "fashion-mnist",
+               root: str = str(ROOT / "data/raw/fashion-mnist"), classes=(5, 6, 7, 8, 9)) -> None:
+    """Five classes prepared by the pipeline's own prepare(), plus the same pixels as PNG files in
+    the ImageFolder layout the tutorials read."""
     from PIL import Image
 
     from stages.prepare import prepare
     from transfer.io import load_tensors
 
-    prepare(source="fashion-mnist", root=str(ROOT / "data/raw/fashion-mnist"), classes=[5, 6, 7, 8, 9],
+    prepare(source=source, root=root, classes=list(classes),
             image_size=image_size, val_fraction=0.1, test_fraction=0.2, train_per_class=train_per_class,
             eval_per_class=eval_per_class, max_rejected_fraction=0.0, seed=0, out_dir=folder / "prepared",
             metrics_path=folder / "prepare.json")
@@ -66,7 +67,7 @@ def _backbone(backbone_dir: str | None, arch: str, image_size: int):
     return backbone, dim
 
 
-def _tutorial_loader(folder: Path, split: str, train: bool):
+def _tutorial_loader(folder: Path, split: str, *, augment: bool, shuffle: bool):
     import torch
     from torchvision import datasets, transforms
 
@@ -74,11 +75,11 @@ def _tutorial_loader(folder: Path, split: str, train: bool):
 
     size = int(json.loads((folder / "meta.json").read_text())["image_size"])
     tf = [transforms.Resize(size), transforms.CenterCrop(size)]
-    if train:
+    if augment:
         tf = [transforms.RandomCrop(size, padding=2), transforms.RandomHorizontalFlip()]
     tf += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     ds = datasets.ImageFolder(str(folder / "png" / split), transform=transforms.Compose(tf))
-    return torch.utils.data.DataLoader(ds, batch_size=BASELINE_BATCH, shuffle=train, num_workers=0)
+    return torch.utils.data.DataLoader(ds, batch_size=BASELINE_BATCH, shuffle=shuffle, num_workers=0)
 
 
 def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: str | None) -> dict:
@@ -105,7 +106,9 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
     if name == "extract_baseline":
         backbone, _ = _backbone(backbone_dir, arch, size)
         backbone.eval().to(device)
-        loader = _tutorial_loader(folder, "train", train=False)
+        loader = _tutorial_loader(folder, "train", augment=False, shuffle=False)
+        with torch.no_grad():  # warm-up at its batch shape, as the project and the ceiling get
+            backbone(torch.randn(BASELINE_BATCH, 3, size, size, device=device))
         sync()
         start = time.perf_counter()
         n = 0
@@ -117,20 +120,19 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
         out = dict(images=n, seconds=time.perf_counter() - start, batch=BASELINE_BATCH, dtype="float32", memory_format="NCHW")
     elif name == "extract_project":
         backbone, _ = _backbone(backbone_dir, arch, size)
-        training.predict(backbone, train["images"][:64], mean=mean, std=std, batch_size=64, device=device)  # warm-up
+        training.predict(backbone, train["images"][:512], mean=mean, std=std, batch_size=512, device=device)  # warm-up
         sync()
         start = time.perf_counter()
         training.predict(backbone, train["images"], mean=mean, std=std, batch_size=512, device=device)
         sync()
         out = dict(images=len(train["images"]), seconds=time.perf_counter() - start, batch=512,
-                   dtype="bfloat16 autocast" if cuda else "float32", memory_format="channels_last")
+                   dtype=_amp_dtype(device), memory_format="channels_last")
     elif name == "extract_ceiling":
         # The model's own forward-only speed on a batch already on the device, already normalised.
         backbone, _ = _backbone(backbone_dir, arch, size)
         backbone.eval().to(device, memory_format=torch.channels_last)
         x = torch.randn(512, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), training._autocast(device, True):  # the same dtype the project runs in
             backbone(x)
             sync()
             start, n = time.perf_counter(), 0
@@ -138,7 +140,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
                 backbone(x)
                 n += len(x)
             sync()
-        out = dict(images=n, seconds=time.perf_counter() - start, batch=512)
+        out = dict(images=n, seconds=time.perf_counter() - start, batch=512, dtype=_amp_dtype(device))
     elif name == "head_baseline":
         # The tutorial's feature extraction: frozen backbone + new fc, PNGs through the whole network every epoch.
         backbone, dim = _backbone(backbone_dir, arch, size)
@@ -146,9 +148,11 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
         for p in model.backbone.parameters():
             p.requires_grad = False
         model.to(device)
-        opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
-        train_loader, val_loader = _tutorial_loader(folder, "train", False), _tutorial_loader(folder, "val", False)
+        # The same optimizer and settings as the project's head (the seed tutorial also trains its
+        # classifier with Adam), so accuracy differences come from the data path alone.
+        opt = torch.optim.AdamW(model.head.parameters(), lr=0.01, weight_decay=1e-4)
+        train_loader = _tutorial_loader(folder, "train", augment=False, shuffle=True)
+        val_loader = _tutorial_loader(folder, "val", augment=False, shuffle=False)
         start, best = time.perf_counter(), 0.0
         for _ in range(EPOCHS):
             model.train()
@@ -159,7 +163,6 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
-            sched.step()
             model.eval()
             correct = 0
             with torch.no_grad():
@@ -191,7 +194,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
         n, start = 0, None
         if name == "finetune_baseline":
             model.train()
-            for step, (x, y) in enumerate(_tutorial_loader(folder, "train", True)):
+            for step, (x, y) in enumerate(_tutorial_loader(folder, "train", augment=True, shuffle=True)):
                 if step == 1:  # the first batch pays one-off costs on both sides
                     sync()
                     start, n = time.perf_counter(), 0
@@ -216,7 +219,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
                 x = training.to_input(b, mean=mean, std=std, device=device)
                 if not amp:
                     x = x.contiguous()
-                with training._autocast(device, amp):
+                with training._autocast(device, amp, training=True):
                     loss = F.cross_entropy(model(x).float(), labels[idx.to(device)])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -234,6 +237,13 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
     if cuda:
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _amp_dtype(device) -> str:
+    from transfer import training
+
+    on = device.type == "cuda" or training.cpu_has_native_bf16()
+    return "bfloat16 autocast" if on else "float32"
 
 
 def run_child(name: str, args, folder: Path) -> dict:

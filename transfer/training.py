@@ -5,6 +5,7 @@ normalisation and augmentation happen per batch on the compute device, in channe
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import nullcontext
@@ -40,9 +41,27 @@ def configure_runtime(*, threads: int, deterministic: bool, seed: int) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _autocast(device: torch.device, amp: bool):
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX); elsewhere it is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast(device: torch.device, amp: bool, training: bool = False):
+    """bfloat16 autocast on CUDA; on CPUs with native bf16, for inference only.
+
+    Measured on a 2-core EPYC with AVX512-BF16 (resnet18, 32 px): inference 2,470 -> 4,542 img/s,
+    bit-identical run to run, embeddings within cosine 0.9999 of fp32. Training would gain
+    452 -> 605 img/s, but oneDNN's bf16 backward is not deterministic (two identical runs
+    differ), and exact reproducibility on CPU matters more, so CPU training stays fp32.
+    """
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp and not training and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -194,7 +213,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                 batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
             x = to_input(batch, mean=mean, std=std, device=device)
             y = train_labels_dev[idx.to(device)]
-            with _autocast(device, amp):
+            with _autocast(device, amp, training=True):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,23 @@
+"""The benchmark's measurements run (tiny data, seconds); their speed is measured by
+`python -m benchmarks.run`, never asserted here."""
+import json
+
+import pytest
+
+from benchmarks import run as bench
+
+
+def test_every_measurement_runs_on_tiny_data(tmp_path):
+    bench.build_data(tmp_path, image_size=16, train_per_class=20, eval_per_class=8, source="digits", root="unused",
+                     classes=(0, 1, 2, 3, 4))
+    assert len(list((tmp_path / "png" / "train").rglob("*.png"))) == 100
+    (tmp_path / "meta.json").write_text(json.dumps(dict(image_size=16, classes=5, finetune_batch=32)))
+    names = ["extract_baseline", "extract_project", "extract_ceiling", "head_baseline", "head_project",
+             "finetune_baseline", "finetune_fp32", "finetune_project"]
+    results = {n: bench.measure(n, tmp_path, "cpu", "resnet18", None) for n in names}
+    assert results["extract_baseline"]["images"] == results["extract_project"]["images"] == 100
+    for name in ("head_baseline", "head_project"):
+        assert 0.0 <= results[name]["val_acc"] <= 1.0 and results[name]["epochs"] == bench.EPOCHS
+    assert results["finetune_baseline"]["memory_format"] == "NCHW"
+    assert results["finetune_project"]["memory_format"] == "channels_last"
+    assert all(r["seconds"] > 0 for r in results.values())
