@@ -206,7 +206,8 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
             dtype, fmt = "float32", "NCHW"
         else:
             amp = name == "finetune_project"
-            model.to(memory_format=torch.channels_last if amp else torch.contiguous_format)
+            fmt = training.training_memory_format(device) if amp else torch.contiguous_format
+            model.to(memory_format=fmt)
             gen = torch.Generator().manual_seed(0)
             images = train["images"].to(device) if cuda else train["images"]
             labels = train["labels"].to(device)
@@ -216,9 +217,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
                     sync()
                     start, n = time.perf_counter(), 0
                 b = training.augment(images[idx.to(images.device)], pad=2, hflip=True, generator=gen)
-                x = training.to_input(b, mean=mean, std=std, device=device)
-                if not amp:
-                    x = x.contiguous()
+                x = training.to_input(b, mean=mean, std=std, device=device, memory_format=fmt)
                 with training._autocast(device, amp, training=True):
                     loss = F.cross_entropy(model(x).float(), labels[idx.to(device)])
                 opt.zero_grad(set_to_none=True)
@@ -226,7 +225,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
                 opt.step()
                 n += len(idx)
             dtype = "bfloat16 autocast" if (amp and cuda) else "float32"
-            fmt = "channels_last" if amp else "NCHW"
+            fmt = "channels_last" if fmt == torch.channels_last else "NCHW"
         sync()
         out = dict(images=n, seconds=time.perf_counter() - start, batch=batch, dtype=dtype, memory_format=fmt)
     else:

@@ -36,13 +36,13 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
             kept.append(item)
 
     arrays, reasons = data.decode_items(kept, image_size)
-    rejected = [dict(path=i.ref, reason=r) for i, r in zip(kept, reasons) if r is not None]
-    n_inputs = len(kept) + sum(r["status"] == "rejected" for r in rows)
-    n_rejected = len(rejected) + sum(r["status"] == "rejected" for r in rows)
     for item, reason in zip(kept, reasons):
         if reason is not None:
             rows.append(dict(ref=item.ref, label=item.label, split="", status="rejected", reason=reason))
     rejected_all = [dict(path=r["ref"], reason=r["reason"]) for r in rows if r["status"] == "rejected"]
+    n_rejected = len(rejected_all)
+    # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
+    n_inputs = sum(r is None for r in reasons) + n_rejected
     report = dict(rejected=rejected_all, notes=collected.notes, classes=selected)
     out_dir.mkdir(parents=True, exist_ok=True)
     rejected_fraction = n_rejected / max(n_inputs, 1)

@@ -19,5 +19,5 @@ def test_every_measurement_runs_on_tiny_data(tmp_path):
     for name in ("head_baseline", "head_project"):
         assert 0.0 <= results[name]["val_acc"] <= 1.0 and results[name]["epochs"] == bench.EPOCHS
     assert results["finetune_baseline"]["memory_format"] == "NCHW"
-    assert results["finetune_project"]["memory_format"] == "channels_last"
+    assert results["finetune_project"]["memory_format"] == "NCHW"  # CPU training measured faster in NCHW
     assert all(r["seconds"] > 0 for r in results.values())

@@ -65,12 +65,19 @@ def _autocast(device: torch.device, amp: bool, training: bool = False):
     return nullcontext()
 
 
-def to_input(batch: torch.Tensor, *, mean, std, device: torch.device) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> normalised float32 on `device`, channels_last."""
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last everywhere except CPU training, where fp32 NCHW measured faster here
+    (resnet18 32 px, 2-core EPYC: 535 vs 463 img/s); inference is faster channels_last on both."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def to_input(batch: torch.Tensor, *, mean, std, device: torch.device,
+             memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalised float32 on `device`, in `memory_format`."""
     x = batch.to(device, non_blocking=True).float().div_(255.0)
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+    return ((x - m) / s).contiguous(memory_format=memory_format)
 
 
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device):
@@ -181,7 +188,8 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
     matches these settings is continued, so a killed run ends exactly as an uninterrupted one.
     """
-    model.to(device, memory_format=torch.channels_last)
+    fmt = training_memory_format(device)
+    model.to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
     sched = make_scheduler(optimizer, kind=scheduler, epochs=epochs, step_size=step_size, gamma=gamma)
     gen = torch.Generator().manual_seed(seed)
@@ -205,13 +213,14 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             log(f"{checkpoint} was written with other settings; starting from epoch 1")
     train_labels_dev = train_labels.to(device)
     for epoch in range(start, epochs + 1):
+        model.to(memory_format=fmt)  # predict() below switches it to channels_last for evaluation
         model.train()
         loss_sum, correct, total = 0.0, 0, 0
         for idx in _epoch_batches(len(train_labels), batch_size, gen):
             batch = train_images[idx].to(device, non_blocking=True)
             if augment_pad or augment_hflip:
                 batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
-            x = to_input(batch, mean=mean, std=std, device=device)
+            x = to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
             y = train_labels_dev[idx.to(device)]
             with _autocast(device, amp, training=True):
                 logits = model(x)
