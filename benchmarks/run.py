@@ -132,7 +132,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
         backbone, _ = _backbone(backbone_dir, arch, size)
         backbone.eval().to(device, memory_format=torch.channels_last)
         x = torch.randn(512, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), training._autocast(device, True):  # the same dtype the project runs in
+        with torch.inference_mode(), training.autocast(device, True):  # the same dtype the project runs in
             backbone(x)
             sync()
             start, n = time.perf_counter(), 0
@@ -218,7 +218,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
                     start, n = time.perf_counter(), 0
                 b = training.augment(images[idx.to(images.device)], pad=2, hflip=True, generator=gen)
                 x = training.to_input(b, mean=mean, std=std, device=device, memory_format=fmt)
-                with training._autocast(device, amp, training=True):
+                with training.autocast(device, amp, training=True):
                     loss = F.cross_entropy(model(x).float(), labels[idx.to(device)])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

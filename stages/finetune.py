@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from transfer import models, paths, training
-from transfer.io import load_tensors, read_json, save_tensors, write_json
+from transfer.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from transfer.models import ModelError
 from transfer.params import Params, load_params
 
@@ -65,7 +65,6 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     device = training.pick_device(p.runtime.device)
     model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
                               freeze_blocks=f.freeze_blocks, seed=p.seed, bn_frozen=f.bn_frozen)
-    train, _ = load_tensors(paths.split_file(prepared_dir, "train"))
     val, _ = load_tensors(paths.split_file(prepared_dir, "val"))
     mean, std = meta["mean"], meta["std"]
     if p.strategy == "feature_extract":
@@ -75,6 +74,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
         best_state, best_epoch = model.state_dict(), 1
     else:
         fingerprint = _fingerprint(p, backbone_dir, head_dir)
+        train, _ = load_tensors(paths.split_file(prepared_dir, "train"))
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
             val_labels=val["labels"], param_groups=param_groups(model, strategy=p.strategy, lr=f.lr,
@@ -86,7 +86,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
     write_json(out_dir / "model.json", meta)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
-    metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"] if p.strategy != "feature_extract" else history[0]["val_acc"],
+    metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"],
                    trainable_params=trainable, total_params=sum(q.numel() for q in model.parameters()))
     write_json(metrics_path, metrics)
     training.write_curves(curves_dir, history)
@@ -97,7 +97,7 @@ def _fingerprint(p: Params, backbone_dir: Path, head_dir: Path) -> str:
     """What a resumable checkpoint must match: every setting and input that shapes the training."""
     parts = dict(strategy=p.strategy, finetune={k: v for k, v in p.finetune.items() if k != "resume"}, seed=p.seed,
                  amp=p.runtime.amp, backbone=read_json(backbone_dir / "backbone.json")["sha256"],
-                 head=hashlib.sha256((head_dir / "head.safetensors").read_bytes()).hexdigest())
+                 head=sha256_file(head_dir / "head.safetensors"))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -94,8 +94,9 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
     backbone, dim = models.build_backbone(arch, image_size)
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
     details, report, metrics = {}, {"loaded": [], "skipped": {}, "missing": []}, {}
+    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"  # where torchvision itself caches weights
     if src == "torchvision":
-        path, details = fetch_torchvision(arch=arch, weights=p.pretrained.weights, cache_dir=Path(torch.hub.get_dir()) / "checkpoints")
+        path, details = fetch_torchvision(arch=arch, weights=p.pretrained.weights, cache_dir=cache_dir)
         mean, std = details.pop("mean"), details.pop("std")
         state = load_state_dict(path)
         if arch == "inception_v3":  # built without the auxiliary classifier
@@ -103,7 +104,7 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
         report = models.load_backbone_weights(backbone, _drop_classifier(state, arch), partial=False)
     elif src == "url":
         name = p.pretrained.url.rsplit("/", 1)[-1] or "weights.pt"
-        path = download(p.pretrained.url, Path(torch.hub.get_dir()) / "checkpoints" / name, sha256=p.pretrained.sha256)
+        path = download(p.pretrained.url, cache_dir / name, sha256=p.pretrained.sha256)
         report = models.load_backbone_weights(backbone, _drop_classifier(load_state_dict(path), arch), partial=True)
         details = dict(url=p.pretrained.url)
     elif src == "file":

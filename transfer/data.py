@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from transfer.io import write_text
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -304,7 +306,6 @@ def find_leaks(arrays: list[np.ndarray], splits: list[str], refs: list[str]) -> 
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
-    from transfer.io import write_text
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["ref", "label", "split", "status", "reason"], lineterminator="\n")
     writer.writeheader()

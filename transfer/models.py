@@ -7,9 +7,12 @@ into blocks, in input-to-output order, for freezing the first k.
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from transfer.io import load_state_dict, load_tensors, read_json
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -206,10 +209,6 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *
 
 def load_backbone(folder) -> tuple[nn.Module, dict]:
     """The backbone written by pretrain, loaded strictly, with its description (backbone.json)."""
-    from pathlib import Path
-
-    from transfer.io import load_tensors, read_json
-
     folder = Path(folder)
     info = read_json(folder / "backbone.json")
     backbone, _ = build_backbone(info["arch"], info["image_size"])
@@ -221,8 +220,6 @@ def load_backbone(folder) -> tuple[nn.Module, dict]:
 def load_model(weights_file, meta: dict) -> Classifier:
     """A Classifier rebuilt from its construction arguments, with weights from any supported file
     (safetensors or a torch checkpoint saved on any device, wrapper prefixes stripped)."""
-    from transfer.io import load_state_dict
-
     model = build_classifier(meta)
     state = load_state_dict(weights_file)
     own = model.state_dict()
