@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,19 +24,71 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8])
-def test_sigkill_mid_write_leaves_old_file_intact(tmp_path, delay):
+# A writer that opens the target itself, as a naive `open(path, "wb")` would: the kill tests must fail on it.
+NAIVE_WRITER = """
+import contextlib
+@contextlib.contextmanager
+def naive_open(path, mode="wb"):
+    with open(path, mode) as f:
+        yield f
+io.atomic_open = naive_open
+"""
+
+
+def killed_write(target, fault: str, naive: bool = False) -> int:
+    """Write 64 MiB of ones over `target` in a child that SIGKILLs itself at `fault` (the writer's own
+    fault-injection points, so the kill lands inside the write every time); return its exit code."""
+    code = ("import sys; sys.path.insert(0, %r); import torch; from transfer import io\n%s"
+            "io.save_tensors(%r, {'w': torch.ones(16 * 2**20)})" % (str(ROOT), NAIVE_WRITER if naive else "", str(target)))
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, io.FAULT_ENV: fault}).returncode
+
+
+def intact(target, before: bytes) -> bool:
+    """The file is the old one, or completely the new one."""
+    if target.read_bytes() == before:
+        return True
+    try:
+        return io.load_tensors(target)[0]["w"].numel() == 16 * 2**20
+    except WeightsError:
+        return False
+
+
+@pytest.mark.parametrize("fault", ["kill-mid-write", "kill-before-replace", "kill-mid-write:weights.safetensors"])
+def test_sigkill_inside_a_write_leaves_old_file_intact(tmp_path, fault):
     target = tmp_path / "weights.safetensors"
     io.save_tensors(target, {"w": torch.zeros(4)})
     before = target.read_bytes()
-    code = ("import torch, sys; sys.path.insert(0, %r); from transfer import io\n"
-            "io.save_tensors(%r, {'w': torch.ones(64 * 2**20)})" % (str(ROOT), str(target)))
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    tensors, _ = io.load_tensors(target)  # whatever moment it died, the file is complete
-    assert target.read_bytes() == before or tensors["w"].numel() == 64 * 2**20
+    assert killed_write(target, fault) == -signal.SIGKILL
+    assert target.read_bytes() == before
+    # The leftover temporary file is named so that git and DVC ignore it (*.tmp in .gitignore and .dvcignore).
+    assert [p.name.endswith(".tmp") for p in tmp_path.iterdir() if p != target] == [True]
+
+
+def test_the_kill_test_fails_on_a_non_atomic_writer(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    io.save_tensors(target, {"w": torch.zeros(4)})
+    before = target.read_bytes()
+    assert killed_write(target, "kill-mid-write", naive=True) == -signal.SIGKILL
+    assert not intact(target, before)
+
+
+def test_fault_injection_only_fires_for_the_named_file(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    assert killed_write(target, "kill-mid-write:other.safetensors") == 0
+    assert io.load_tensors(target)[0]["w"].numel() == 16 * 2**20
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        io.write_json(tmp_path / "m.json", {"a": 1})
+        io.save_tensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})
+        io.save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    for name in ("m.json", "w.safetensors", "c.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
 
 
 class Payload:

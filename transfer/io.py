@@ -1,7 +1,8 @@
 """Files in and out: atomic writes, the one safe weights loader, verified downloads.
 
 - Every output goes through a temporary file in the same folder and os.replace, so a killed
-  stage leaves either the old file or the new one, never half of one.
+  stage leaves either the old file or the new one, never half of one. The file gets the
+  permissions the umask gives (0644 under 022), as open() would, not mkstemp's private 0600.
 - Weights are read from safetensors, or from torch files with weights_only=True and nothing
   else: a checkpoint that needs arbitrary unpickling is refused, never retried unsafely.
 """
@@ -13,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,6 +28,27 @@ from safetensors.torch import save as st_save_bytes
 
 # Wrappers that training code adds in front of every key: DataParallel/DDP and torch.compile.
 KEY_PREFIXES = ("module.", "_orig_mod.")
+
+# Fault injection for the tests that prove writes are atomic: "kill-mid-write[:NAME]" SIGKILLs this
+# process after the first chunk of a file (named NAME, if given) is written, "kill-before-replace[:NAME]"
+# after the data is complete but before the rename. A fixed delay cannot land inside a write reliably.
+FAULT_ENV = "TRANSFER_FAULT"
+CHUNK = 1 << 20
+
+
+def _fault_point(point: str, path: Path) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    kind, _, name = spec.partition(":")
+    if kind == point and (not name or path.name == name):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class WeightsError(ValueError):
@@ -43,10 +66,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _fault_point("kill-before-replace", path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,13 +80,18 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    view = memoryview(data)
     with atomic_open(path, "wb") as f:
-        f.write(data)
+        for start in range(0, len(view), CHUNK):
+            f.write(view[start:start + CHUNK])
+            if start + CHUNK < len(view):
+                f.flush()
+                _fault_point("kill-mid-write", path)
 
 
 def write_text(path: str | Path, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj) -> None:
