@@ -1,8 +1,8 @@
 """prepare: read the dataset once, split it, and store uint8 tensors per split.
 
 Outputs (data/prepared/): {train,val,test}.safetensors (images uint8 (N,3,S,S), labels int64),
-classes.json, manifest.csv (one row per input), report.json (rejections, leaks, notes);
-metrics/prepare.json (counts).
+classes.json, manifest.csv (one row per input: split, the split folder it came from, status,
+reason), report.json (how each split was formed, rejections, leaks, notes); metrics/prepare.json.
 """
 from __future__ import annotations
 
@@ -25,61 +25,48 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     """Decode, split and store the dataset; return the counts written to metrics."""
     collected = data.collect(source, root)
     selected = data.resolve_classes(classes, collected.classes, "data.classes")
+    label_of = {name: i for i, name in enumerate(selected)}
     rows = list(collected.skipped)
     kept = []
     for item in collected.items:
         if item.presplit and item.presplit.startswith("excluded:"):
-            rows.append(dict(ref=item.ref, label=item.label, split="", status="excluded", reason=item.presplit[9:]))
+            rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="excluded", reason=item.presplit[9:]))
         elif item.label not in selected:
-            rows.append(dict(ref=item.ref, label=item.label, split="", status="excluded", reason="class not in data.classes"))
+            rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="excluded", reason="class not in data.classes"))
         else:
             kept.append(item)
+
+    plan = dict(val_fraction=val_fraction, test_fraction=test_fraction, train_per_class=train_per_class,
+                eval_per_class=eval_per_class, seed=seed, selected=selected, layout=collected.layout)
+    # Split sizes are checked on the files found, before the (long) decode, and again on what decoded.
+    plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), **plan)
 
     arrays, reasons = data.decode_items(kept, image_size)
     for item, reason in zip(kept, reasons):
         if reason is not None:
-            rows.append(dict(ref=item.ref, label=item.label, split="", status="rejected", reason=reason))
+            rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
     rejected_all = [dict(path=r["ref"], reason=r["reason"]) for r in rows if r["status"] == "rejected"]
     n_rejected = len(rejected_all)
     # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
     n_inputs = sum(r is None for r in reasons) + n_rejected
     report = dict(rejected=rejected_all, notes=collected.notes, classes=selected)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rejected_fraction = n_rejected / max(n_inputs, 1)
-    if rejected_fraction > max_rejected_fraction:
-        write_json(out_dir / "report.json", report)
-        listing = "\n".join(f"  {r['path']}: {r['reason']}" for r in rejected_all[:20])
-        raise DataError(f"{n_rejected} of {n_inputs} input files ({rejected_fraction:.1%}) are unreadable, more than "
-                        f"data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the limit. "
-                        f"Full list in {out_dir / 'report.json'}; first ones:\n{listing}")
+    check_rejections(n_rejected=n_rejected, n_inputs=n_inputs, max_rejected_fraction=max_rejected_fraction,
+                     rejected=rejected_all, report=report, report_path=out_dir / "report.json")
 
     good = [(item, arr) for item, arr in zip(kept, arrays) if arr is not None]
-    label_of = {name: i for i, name in enumerate(selected)}
     labels = np.array([label_of[item.label] for item, _ in good], dtype=np.int64)
-    present = sorted(set(labels.tolist()))
-    if len(present) < len(selected):
-        missing = [selected[i] for i in range(len(selected)) if i not in present]
+    missing = [name for i, name in enumerate(selected) if i not in set(labels.tolist())]
+    if missing:
         raise DataError(f"classes {missing} have no readable images; remove them from data.classes or add images")
-
-    split_of = _assign_splits(good, labels, val_fraction, test_fraction, seed, report)
-    rng = np.random.default_rng(seed)
-    final: dict[str, np.ndarray] = {}
-    for split in paths.SPLITS:
-        idx = np.flatnonzero(split_of == split)
-        cap = train_per_class if split == "train" else eval_per_class
-        if split == "train" and cap is not None:
-            have = Counter(labels[idx].tolist())
-            short = {selected[c]: n for c, n in have.items() if n < cap}
-            if short:
-                raise DataError(f"data.train_per_class: {cap} is more than the training images of {short}; "
-                                f"lower it (at most {min(have.values())}) or add images")
-        final[split], dropped = data.take_per_class(idx, labels, cap, rng)
-        split_of[dropped] = "unused"
+    split_of, final, how = plan_splits([item for item, _ in good], labels, **plan)
+    report["splits"] = how
 
     for (item, _), split in zip(good, split_of):
         status = "unused" if split == "unused" else "used"
         reason = "over the labelled budget or evaluation cap" if status == "unused" else ""
-        rows.append(dict(ref=item.ref, label=item.label, split="" if status == "unused" else split, status=status, reason=reason))
+        rows.append(dict(ref=item.ref, label=item.label, split="" if status == "unused" else split,
+                         origin=item.origin, status=status, reason=reason))
 
     used = np.flatnonzero(split_of != "unused")
     report["leaks"] = data.find_leaks([good[i][1] for i in used], [split_of[i] for i in used], [good[i][0].ref for i in used])
@@ -102,23 +89,78 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     return counts
 
 
-def _assign_splits(good, labels, val_fraction, test_fraction, seed, report) -> np.ndarray:
-    """Split names per good item: pre-split trees keep their folders, one tree is split here."""
-    presplit = [item.presplit for item, _ in good]
-    split_of = np.empty(len(good), dtype=object)
-    if all(p is None for p in presplit):
-        for split, idx in data.stratified_split(labels, val_fraction, test_fraction, seed).items():
+def check_rejections(*, n_rejected: int, n_inputs: int, max_rejected_fraction: float, rejected: list[dict],
+                     report: dict, report_path: Path) -> None:
+    """Stop, with the report written, when more than the allowed fraction of inputs is unreadable."""
+    fraction = n_rejected / max(n_inputs, 1)
+    if fraction > max_rejected_fraction:
+        write_json(report_path, report)
+        listing = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
+        raise DataError(f"{n_rejected} of {n_inputs} input files ({fraction:.1%}) are unreadable, more than "
+                        f"data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the limit. "
+                        f"Full list in {report_path}; first ones: {listing}")
+
+
+def plan_splits(items: list[data.Item], labels: np.ndarray, *, val_fraction: float, test_fraction: float,
+                train_per_class: int | None, eval_per_class: int | None, seed: int, selected: list[str],
+                layout: dict[str, str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+    """Split name per item ("unused" beyond the budget or cap), the kept indices per split, and how
+    each split was formed. Every size problem is a DataError naming the key to change."""
+    split_of, how = _assign_splits(items, labels, val_fraction, test_fraction, seed, selected, layout)
+    rng = np.random.default_rng(seed)
+    final: dict[str, np.ndarray] = {}
+    for split in paths.SPLITS:
+        idx = np.flatnonzero(split_of == split)
+        if split != "val" and len(idx) == 0:
+            raise DataError(f"the {split} split is empty ({how[split]}); add {split} images of the classes in data.classes")
+        cap = train_per_class if split == "train" else eval_per_class
+        if split == "train" and cap is not None:
+            have = Counter(labels[idx].tolist())
+            short = {selected[c]: n for c, n in sorted(have.items()) if n < cap}
+            if short:
+                raise DataError(f"data.train_per_class: {cap} is more than the training images of {short}; "
+                                f"lower it to at most {min(have.values())}, or add images")
+        final[split], dropped = data.take_per_class(idx, labels, cap, rng)
+        split_of[dropped] = "unused"
+    return split_of, final, how
+
+
+def _assign_splits(items, labels, val_fraction, test_fraction, seed, selected, layout) -> tuple[np.ndarray, dict[str, str]]:
+    """Pre-split trees keep their folders (test files only ever go to test); what a tree lacks is carved,
+    stratified: val from train/ (or from val/ halved into val and test when there is no test/), and one
+    tree is split by the fractions."""
+    presplit = np.array([item.presplit for item in items], dtype=object)
+    split_of = np.empty(len(items), dtype=object)
+    if not layout:
+        fix = (f"lower data.val_fraction/data.test_fraction (now {val_fraction:g}/{test_fraction:g}), add images, "
+               "or leave the class out of data.classes")
+        for split, idx in data.stratified_split(labels, val_fraction, test_fraction, seed, class_names=selected,
+                                                fix=fix).items():
             split_of[idx] = split
-        return split_of
+        return split_of, {"train": "one tree, stratified", "val": f"{val_fraction:g} of each class",
+                          "test": f"{test_fraction:g} of each class"}
     split_of[:] = presplit
-    if "test" not in presplit:
+    how = dict(layout)
+    train_idx = np.flatnonzero(presplit == "train")
+    if "val" not in layout:
+        carve_test = "test" not in layout
+        fix = (f"lower data.val_fraction{'/data.test_fraction' if carve_test else ''} or add images to {layout['train']}")
+        parts = data.stratified_split(labels[train_idx], val_fraction, test_fraction if carve_test else 0.0, seed,
+                                      class_names=selected, fix=f"in {layout['train']}: {fix}")
+        for split in ("val", "test") if carve_test else ("val",):
+            split_of[train_idx[parts[split]]] = split
+            how[split] = f"carved from {layout['train']} ({(val_fraction if split == 'val' else test_fraction):g} of each class)"
+    elif "test" not in layout:
         # train/ + val/ only (the ants/bees layout): half of val/ becomes the test split, so the
         # epoch picked on validation is never also the one scored on test.
-        val_idx = np.flatnonzero(split_of == "val")
-        parts = data.stratified_split(labels[val_idx], 0.0, 0.5, seed)
+        val_idx = np.flatnonzero(presplit == "val")
+        parts = data.stratified_split(labels[val_idx], 0.0, 0.5, seed, class_names=selected,
+                                      fix=f"in {layout['val']}: halving it into val and test needs 2 per class; add a test "
+                                          "folder or more validation images")
         split_of[val_idx[parts["test"]]] = "test"
-        report["notes"].append("no test/ folder: val/ was split in half (stratified) into val and test")
-    return split_of
+        how["val"] = f"half of {layout['val']}"
+        how["test"] = f"the other half of {layout['val']}"
+    return split_of, how
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 
 from transfer import data, models, paths, training
 from transfer.data import DataError
-from transfer.io import WeightsError, download, load_state_dict, save_tensors, sha256_file, torchvision_hash_prefix, write_json
+from transfer.io import WeightsError, download, load_state_dict, load_tensors, save_tensors, sha256_file, torchvision_hash_prefix, write_json
 from transfer.models import ModelError
 from transfer.params import Params, ParamsError, load_params
 
@@ -52,23 +52,48 @@ def fetch_torchvision(*, arch: str, weights: str, cache_dir: Path) -> tuple[Path
     return path, dict(weights=w.name if hasattr(w, "name") else weights, url=url, mean=mean, std=std)
 
 
-def load_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, seed: int) -> dict:
-    """The source task: `per_class` images of each of `classes`, 90/10 stratified train/val."""
+def load_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, seed: int,
+              max_rejected_fraction: float) -> dict:
+    """The source task: `per_class` readable images of each of `classes`, 90/10 stratified train/val.
+
+    Files are decoded in a seeded random order until each class has `per_class` readable images, so an
+    unreadable file is replaced, not silently missing; rejections count against the same
+    data.max_rejected_fraction as in prepare, and a class with too few readable images is an error."""
     collected = data.collect(source, root)
     names = data.resolve_classes(classes, collected.classes, "pretrained.train.classes")
-    items = [i for i in collected.items if i.label in names]
-    labels = np.array([names.index(i.label) for i in items])
-    # Sample before decoding: the source task never needs every image of the pool.
-    keep, _ = data.take_per_class(np.arange(len(items)), labels, per_class, np.random.default_rng(seed))
-    items = [items[i] for i in keep]
-    arrays, reasons = data.decode_items(items, image_size)
-    good = [(a, names.index(i.label)) for a, i in zip(arrays, items) if a is not None]
-    labels = np.array([lab for _, lab in good])
-    parts = data.stratified_split(labels, 0.1, 0.0, seed)
-    out = {"classes": names, "rejected": sum(r is not None for r in reasons)}
+    rng = np.random.default_rng(seed)
+    chosen, rejected, tried = [], [], 0
+    for label, name in enumerate(names):
+        pool = [i for i in collected.items if i.label == name]
+        got = []
+        for k in rng.permutation(len(pool)):
+            if len(got) == per_class:
+                break
+            item = pool[k]
+            tried += 1
+            try:
+                arr = (data.decode_array(item.array, image_size) if item.array is not None
+                       else data.decode_file(item.path, image_size))
+                got.append(arr)
+            except data.BadImage as e:
+                rejected.append(dict(path=item.ref, reason=str(e)))
+        if len(got) < per_class:
+            raise DataError(f"pretrained.train.per_class: {per_class} is more than the {len(got)} readable images of "
+                            f"source class '{name}'; lower it to at most {len(got)}, or add images")
+        chosen.extend((arr, label) for arr in got)
+    fraction = len(rejected) / max(tried, 1)
+    if fraction > max_rejected_fraction:
+        first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
+        raise DataError(f"{len(rejected)} of {tried} source-task files ({fraction:.1%}) are unreadable, more than "
+                        f"data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the limit. "
+                        f"First ones: {first}")
+    labels = np.array([lab for _, lab in chosen], dtype=np.int64)
+    parts = data.stratified_split(labels, 0.1, 0.0, seed, class_names=names,
+                                  fix="raise pretrained.train.per_class to at least 2")
+    out = {"classes": names, "rejected": rejected, "tried": tried}
     for split in ("train", "val"):
         idx = parts[split]
-        out[split] = (data.to_tensor([good[i][0] for i in idx], image_size), torch.from_numpy(labels[idx]))
+        out[split] = (data.to_tensor([chosen[i][0] for i in idx], image_size), torch.from_numpy(labels[idx]))
     return out
 
 
@@ -111,16 +136,20 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
         path = Path(p.pretrained.path)
         if not path.is_file():
             raise WeightsError(f"pretrained.path: {path} is not a file; point it at a .safetensors/.pt/.pth weights file")
+        _check_exported_arch(path, arch)
         report = models.load_backbone_weights(backbone, load_state_dict(path), partial=True)
         details = dict(path=str(path), file_sha256=sha256_file(path))
     elif src == "train":
         task = load_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes, image_size=image_size,
-                         per_class=p.pretrained.train.per_class, seed=p.seed)
+                         per_class=p.pretrained.train.per_class, seed=p.seed,
+                         max_rejected_fraction=p.data.max_rejected_fraction)
         state, metrics = train_on_source_task(arch=arch, image_size=image_size, task=task, epochs=p.pretrained.train.epochs,
                                               lr=p.pretrained.train.lr, batch_size=p.pretrained.train.batch_size,
                                               mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed)
         report = models.load_backbone_weights(backbone, state, partial=False)
         details = dict(dataset=p.data.source, classes=task["classes"])
+        metrics.update(source_files_tried=task["tried"], source_rejected=len(task["rejected"]))
+        write_json(out_dir / "source_task_report.json", dict(rejected=task["rejected"], tried=task["tried"]))
     # src == "none": the random initialisation of build_backbone (seeded by configure_runtime)
     weights_file = out_dir / "backbone.safetensors"
     save_tensors(weights_file, backbone.state_dict(), meta={"arch": arch, "image_size": image_size})
@@ -131,6 +160,16 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
     metrics = {**metrics, "loaded_keys": len(report["loaded"]), "skipped_keys": len(report["skipped"]), "missing_keys": len(report["missing"])}
     write_json(metrics_path, metrics)
     return info
+
+
+def _check_exported_arch(path: Path, arch: str) -> None:
+    """A model exported by this pipeline names its architecture: say so plainly when it is another one."""
+    if path.suffix != ".safetensors":
+        return
+    _, meta = load_tensors(path)
+    if meta.get("arch") and meta["arch"] != arch:
+        raise WeightsError(f"pretrained.path: {path} holds a {meta['arch']} model, but backbone.arch is {arch}; "
+                           f"set backbone.arch: {meta['arch']} to start from it")
 
 
 def _drop_classifier(state: dict, arch: str) -> dict:

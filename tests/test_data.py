@@ -121,10 +121,10 @@ def test_presplit_trees_with_differing_classes_and_leaks(tmp_path):
     counts = run_prepare(root, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "prepared" / "report.json").read_text())
     assert any("class sets differ" in n and "wasps" in n for n in report["notes"])
-    assert any("val/ was split in half" in n for n in report["notes"])
+    assert report["splits"] == {"train": "train/", "val": "half of val/", "test": "the other half of val/"}
     assert len(report["leaks"]) == 1 and any("leaked.png" in r for r in report["leaks"][0])
     assert counts["leaked_groups"] == 1
-    rows = [r for r in csv.DictReader(open(tmp_path / "out" / "prepared" / "manifest.csv")) if "wasps" in r["ref"]]
+    rows = [r for r in manifest(tmp_path / "out")[1] if "wasps" in r["ref"]]
     assert len(rows) == 4 and all(r["status"] == "excluded" for r in rows)
     assert counts["train_images"] == 12 and counts["val_images"] + counts["test_images"] == 9
 
@@ -137,7 +137,7 @@ def test_digits_split_budget_and_manifest(tmp_path):
     train, meta = load_tensors(tmp_path / "out" / "prepared" / "train.safetensors")
     assert train["images"].dtype == torch.uint8 and train["images"].shape == (15, 3, 16, 16)
     assert torch.bincount(train["labels"]).tolist() == [5, 5, 5] and meta["classes"] == ["5", "6", "7"]
-    statuses = [r["status"] for r in csv.DictReader(open(tmp_path / "out" / "prepared" / "manifest.csv"))]
+    statuses = [r["status"] for r in manifest(tmp_path / "out")[1]]
     from sklearn.datasets import load_digits
     selected = int(np.isin(load_digits().target, [5, 6, 7]).sum())
     assert statuses.count("used") == 135 and statuses.count("unused") == selected - 135
@@ -204,3 +204,119 @@ def test_fashion_mnist_download_path_through_a_local_mirror(tmp_path, monkeypatc
     # Offline (nothing listens there any more): a clear error saying how to supply the files.
     with pytest.raises(DataError, match="Install Debian's dataset-fashion-mnist"):
         data.fashion_mnist_folder(tmp_path / "elsewhere")
+
+
+# ---------------------------------------------------------------- layouts as datasets ship them
+
+
+def _rows_by_origin(out):
+    _, rows = manifest(out)
+    return rows
+
+
+@pytest.mark.parametrize("train_name, test_name", [("train", "test"), ("Training", "Testing"), ("TRAIN", "Test")])
+def test_train_and_test_folders_without_val(tmp_path, train_name, test_name):
+    """train/ + test/ was read as one tree with classes 'test' and 'train': the model learnt the split."""
+    root = tmp_path / "raw"
+    make_tree(root / train_name, classes=("cat", "dog"), per_class=10, seed=1)
+    make_tree(root / test_name, classes=("cat", "dog"), per_class=3, seed=2)
+    counts = run_prepare(root, tmp_path / "out", val_fraction=0.2)
+    assert json.loads((tmp_path / "out/prepared/classes.json").read_text()) == ["cat", "dog"]
+    assert counts["test_images"] == 6 and counts["val_images"] == 4 and counts["train_images"] == 16
+    rows = _rows_by_origin(tmp_path / "out")
+    for r in rows:  # test files go to test and nowhere else; val is carved from the training folder
+        assert r["origin"] == (f"{test_name}/" if f"/{test_name}/" in r["ref"] else f"{train_name}/"), r
+        assert (r["split"] == "test") == (r["origin"] == f"{test_name}/"), r
+    report = json.loads((tmp_path / "out/prepared/report.json").read_text())
+    assert report["splits"] == {"train": f"{train_name}/", "test": f"{test_name}/",
+                                "val": f"carved from {train_name}/ (0.2 of each class)"}
+
+
+def test_all_three_split_folders_any_case(tmp_path):
+    root = tmp_path / "raw"
+    make_tree(root / "Train", classes=("a", "b"), per_class=5, seed=1)
+    make_tree(root / "VALIDATION", classes=("a", "b"), per_class=2, seed=2)
+    make_tree(root / "testing", classes=("a", "b"), per_class=3, seed=3)
+    counts = run_prepare(root, tmp_path / "out")
+    assert (counts["train_images"], counts["val_images"], counts["test_images"]) == (10, 4, 6)
+    rows = _rows_by_origin(tmp_path / "out")
+    assert {(r["origin"], r["split"]) for r in rows} == {("Train/", "train"), ("VALIDATION/", "val"), ("testing/", "test")}
+
+
+def test_train_folder_alone_is_split_like_one_tree(tmp_path):
+    root = tmp_path / "raw"
+    make_tree(root / "training", classes=("a", "b", "c"), per_class=10)
+    counts = run_prepare(root, tmp_path / "out", val_fraction=0.1, test_fraction=0.2)
+    assert (counts["train_images"], counts["val_images"], counts["test_images"]) == (21, 3, 6)
+    assert json.loads((tmp_path / "out/prepared/classes.json").read_text()) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("folders, problem", [
+    (("train", "cats"), "split folders beside other folders (cats)"),
+    (("val", "test"), "no training folder"),
+    (("train", "Training", "val"), "two folders for one split (Training and train)"),
+])
+def test_split_names_that_do_not_form_a_layout_stop(tmp_path, folders, problem):
+    root = tmp_path / "raw"
+    for i, name in enumerate(folders):
+        make_tree(root / name, classes=("a", "b"), per_class=4, seed=i)
+    with pytest.raises(DataError) as e:
+        run_prepare(root, tmp_path / "out")
+    msg = str(e.value)
+    assert problem in msg and "Expected either class folders only" in msg and "\n" not in msg
+    assert not (tmp_path / "out" / "prepared").exists()
+    with pytest.raises(DataError, match="no training folder|beside other|two folders"):
+        data.class_names("imagefolder", root)
+
+
+def test_small_classes_split_per_class_or_name_the_key(tmp_path):
+    """12 classes x 4 images ended in scikit-learn's ValueError; per-class rounding splits it, and a
+    class too small for every split names it and the keys to change, in one line."""
+    root = make_tree(tmp_path / "raw", classes=[f"c{i:02d}" for i in range(12)], per_class=4)
+    counts = run_prepare(root, tmp_path / "out", val_fraction=0.1, test_fraction=0.2)
+    assert (counts["train_images"], counts["val_images"], counts["test_images"]) == (24, 12, 12)
+    with pytest.raises(DataError) as e:
+        run_prepare(root, tmp_path / "out2", val_fraction=0.1, test_fraction=0.2, train_per_class=3)
+    assert "data.train_per_class: 3 is more than the training images" in str(e.value)
+    assert "lower it to at most 2" in str(e.value)
+    small = make_tree(tmp_path / "small", classes=("a", "b"), per_class=2)
+    with pytest.raises(DataError) as e:
+        run_prepare(small, tmp_path / "out3", val_fraction=0.1, test_fraction=0.2)
+    msg = str(e.value)
+    assert "class 'a' has 2 images, too few for 3 (1 val, 1 test, 1 train)" in msg
+    assert "data.val_fraction/data.test_fraction (now 0.1/0.2)" in msg and "\n" not in msg
+    assert not (tmp_path / "out3" / "prepared" / "train.safetensors").exists()
+    run_prepare(small, tmp_path / "out4", val_fraction=0.0, test_fraction=0.2)  # what the message suggests works
+
+
+def test_split_sizes_are_checked_before_decoding(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "raw", classes=("a", "b"), per_class=2)
+    monkeypatch.setattr(data, "decode_items", lambda *a, **k: pytest.fail("decoded before the sizes were checked"))
+    with pytest.raises(DataError, match="too few"):
+        run_prepare(root, tmp_path / "out")
+
+
+def test_halving_val_needs_two_per_class_and_says_so(tmp_path):
+    root = tmp_path / "raw"
+    make_tree(root / "train", classes=("a", "b"), per_class=5)
+    make_tree(root / "val", classes=("a", "b"), per_class=1)
+    with pytest.raises(DataError, match="in val/: halving it into val and test needs 2 per class"):
+        run_prepare(root, tmp_path / "out")
+
+
+def test_empty_test_folder_for_the_chosen_classes_is_an_error(tmp_path):
+    root = tmp_path / "raw"
+    make_tree(root / "train", classes=("a", "b"), per_class=5)
+    make_tree(root / "test", classes=("c",), per_class=3)
+    with pytest.raises(DataError, match="the test split is empty"):
+        run_prepare(root, tmp_path / "out")
+
+
+def test_class_names_match_what_collect_finds(tmp_path):
+    root = tmp_path / "raw"
+    make_tree(root / "Training", classes=("b", "a"), per_class=3)
+    (root / "Training" / "empty").mkdir()
+    make_tree(root / "Testing", classes=("a", "b"), per_class=2)
+    assert data.class_names("imagefolder", root) == data.collect("imagefolder", root).classes == ["a", "b"]
+    assert data.class_names("fashion-mnist", "anywhere")[0] == "T-shirt/top"
+    assert data.class_names("digits", "anywhere") == [str(i) for i in range(10)]

@@ -11,14 +11,13 @@ import gzip
 import hashlib
 import io as _io
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from transfer.io import write_text
 
@@ -44,6 +43,7 @@ class Item:
     ref: str  # file path or "<file>#<index>" for entries of an array file
     label: str  # class name
     presplit: str | None = None  # train/val/test for pre-split folder trees
+    origin: str = ""  # the split folder it was read from ("Training/"), empty for one tree
     path: Path | None = None
     array: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8 for in-memory sources
 
@@ -54,6 +54,7 @@ class Collected:
     items: list[Item]
     skipped: list[dict] = field(default_factory=list)  # manifest rows for ignored/rejected-by-name files
     notes: list[str] = field(default_factory=list)
+    layout: dict[str, str] = field(default_factory=dict)  # split -> its folder ("Testing/") for pre-split trees
 
 
 # ---------------------------------------------------------------- decoding
@@ -144,33 +145,94 @@ def _scan_class_tree(folder: Path, root: Path, presplit: str | None, out: Collec
     return names
 
 
-def collect_imagefolder(root: Path) -> Collected:
-    """One tree of class folders, or pre-split train/ val/ [test/] trees of class folders."""
+# Folder names that real datasets use for their splits, compared case-insensitively.
+SPLIT_FOLDER_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+LAYOUTS_EXPECTED = ("either class folders only (ROOT/<class>/<image>), or split folders only: one of train|training, "
+                    "optionally one of val|valid|validation and one of test|testing (any letter case), each holding "
+                    "class folders")
+
+
+def split_of_folder(name: str) -> str | None:
+    low = name.lower()
+    return next((split for split, names in SPLIT_FOLDER_NAMES.items() if low in names), None)
+
+
+def detect_layout(root: Path) -> dict[str, Path] | None:
+    """The split folders of a pre-split tree ({"train": root/"Training", ...}), or None for one tree of
+    class folders. Top-level folders that look like split names but do not form a valid layout are an
+    error: read as classes, the model would learn which split a file came from."""
+    folders = _class_dirs(root)
+    by_split: dict[str, list[str]] = defaultdict(list)
+    for folder in folders:
+        split = split_of_folder(folder.name)
+        if split:
+            by_split[split].append(folder.name)
+    if not by_split:
+        return None
+    others = [f.name for f in folders if not split_of_folder(f.name)]
+    twice = {split: names for split, names in by_split.items() if len(names) > 1}
+    found = ", ".join(f"{f.name}/" for f in folders)
+    if others:
+        problem = f"split folders beside other folders ({', '.join(others)})"
+    elif twice:
+        problem = "two folders for one split (" + "; ".join(" and ".join(n) for n in twice.values()) + ")"
+    elif "train" not in by_split:
+        problem = "no training folder"
+    else:
+        return {split: root / names[0] for split, names in by_split.items()}
+    raise DataError(f"data.root: {root} holds {found}: {problem}. Expected {LAYOUTS_EXPECTED}.")
+
+
+def _has_image(folder: Path, root: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_EXTS and not _hidden(f, root) and (f.is_file() or f.is_symlink())
+               for f in folder.rglob("*"))
+
+
+def _require_folder(root: Path) -> None:
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder; point it at a folder of class sub-folders")
+
+
+def collect_imagefolder(root: Path) -> Collected:
+    """One tree of class folders, or pre-split trees of class folders (see detect_layout)."""
+    _require_folder(root)
     out = Collected(classes=[], items=[])
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        per_split = {}
-        for split in ("train", "val", "test"):
-            if (root / split).is_dir():
-                per_split[split] = _scan_class_tree(root / split, root, split, out)
+    layout = detect_layout(root)
+    if layout:
+        per_split = {split: _scan_class_tree(folder, root, split, out) for split, folder in layout.items()}
+        out.layout = {split: folder.name + "/" for split, folder in layout.items()}
+        for item in out.items:
+            item.origin = out.layout[item.presplit]
+        train_name = layout["train"].name
         train_classes = [c for c in per_split["train"] if any(i.label == c and i.presplit == "train" for i in out.items)]
         for split, names in per_split.items():
             missing, extra = sorted(set(train_classes) - set(names)), sorted(set(names) - set(train_classes))
             if split != "train" and (missing or extra):
-                out.notes.append(f"class sets differ: {split}/ lacks {missing or 'nothing'} and has "
-                                 f"{extra or 'nothing'} beyond train/; only train/'s classes are used")
+                out.notes.append(f"class sets differ: {layout[split].name}/ lacks {missing or 'nothing'} and has "
+                                 f"{extra or 'nothing'} beyond {train_name}/; only {train_name}/'s classes are used")
         out.classes = train_classes
         for item in out.items:
             if item.label not in train_classes:
-                item.presplit = "excluded:" + (f"class '{item.label}' has no training images in train/")
+                item.presplit = "excluded:" + f"class '{item.label}' has no training images in {train_name}/"
     else:
         names = _scan_class_tree(root, root, None, out)
         out.classes = [c for c in names if any(i.label == c for i in out.items)]
     if not out.classes:
-        raise DataError(f"data.root: {root} has no class folders with images. Expected {root}/<class>/<image> "
-                        f"or {root}/train/<class>/<image> and {root}/val/<class>/<image>")
+        raise DataError(f"data.root: {root} has no class folders with images. Expected {LAYOUTS_EXPECTED}.")
     return out
+
+
+def class_names(source: str, root: str | Path) -> list[str]:
+    """The classes a dataset has, in label order, without decoding anything (what collect() would find)."""
+    if source == "digits":
+        return [str(c) for c in range(10)]
+    if source == "fashion-mnist":
+        return list(FASHION_MNIST_CLASSES)
+    root = Path(root)
+    _require_folder(root)
+    layout = detect_layout(root)
+    tree = layout["train"] if layout else root
+    return [d.name for d in _class_dirs(tree) if _has_image(d, root)]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -266,21 +328,24 @@ def take_per_class(indices: np.ndarray, labels: np.ndarray, n: int | None, rng: 
     return kept, np.setdiff1d(indices, kept)
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    idx = np.arange(len(labels))
-    out = {"test": idx[:0], "val": idx[:0]}
-    counts = Counter(labels.tolist())
-    if min(counts.values()) < 3 and (val_fraction or test_fraction):
-        raise DataError(f"a class has only {min(counts.values())} usable images; stratified splitting needs at least 3 "
-                        "per class (add images or choose data.classes)")
-    rest = idx
-    if test_fraction > 0:
-        rest, out["test"] = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
-    if val_fraction > 0:
-        frac = val_fraction / (1.0 - test_fraction)
-        rest, out["val"] = train_test_split(rest, test_size=frac, stratify=labels[rest], random_state=seed + 1)
-    out["train"] = rest
-    return {k: np.sort(v) for k, v in out.items()}
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, *,
+                     class_names: list[str], fix: str) -> dict[str, np.ndarray]:
+    """Indices per split, class by class: round(fraction * n) images of each class (at least one when the
+    fraction is above 0) go to test and val, the rest to train. A class too small to give every split an
+    image stops with a DataError naming it; `fix` says which key to change."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = max(1, round(len(idx) * test_fraction)) if test_fraction > 0 else 0
+        n_val = max(1, round(len(idx) * val_fraction)) if val_fraction > 0 else 0
+        if len(idx) - n_test - n_val < 1:
+            raise DataError(f"class '{class_names[c]}' has {len(idx)} images, too few for "
+                            f"{n_val + n_test + 1} ({n_val} val, {n_test} test, 1 train); {fix}")
+        out["test"].append(idx[:n_test])
+        out["val"].append(idx[n_test:n_test + n_val])
+        out["train"].append(idx[n_test + n_val:])
+    return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, dtype=np.int64) for k, v in out.items()}
 
 
 def decode_items(items: list[Item], size: int) -> tuple[list[np.ndarray | None], list[str | None]]:
@@ -305,9 +370,12 @@ def find_leaks(arrays: list[np.ndarray], splits: list[str], refs: list[str]) -> 
     return [[f"{s}:{r}" for s, r in group] for group in by_hash.values() if len({s for s, _ in group}) > 1]
 
 
+MANIFEST_FIELDS = ["ref", "label", "split", "origin", "status", "reason"]
+
+
 def write_manifest(path: Path, rows: list[dict]) -> None:
     buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["ref", "label", "split", "status", "reason"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
