@@ -71,7 +71,7 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
 
 def main() -> None:
     p = load_params()
-    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
     try:
         metrics = convert(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EXPORT_DIR,
                           metrics_path=paths.METRICS / "convert.json", fp16=p.convert.fp16, batch_size=p.evaluate.batch_size)

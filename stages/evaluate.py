@@ -10,6 +10,7 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
@@ -28,23 +29,40 @@ def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_path: Path, predict
                               device=device, amp=amp)
     y_true, y_pred = test["labels"].numpy(), logits.argmax(1).numpy()
     classes = meta["classes"]
-    labels = list(range(len(classes)))
-    precision, recall, _, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    metrics = dict(
-        accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        test_images=int(len(y_true)),
-        per_class={c: dict(precision=float(precision[i]), recall=float(recall[i]), support=int(support[i]))
-                   for i, c in enumerate(classes)},
-    )
+    metrics = classification_metrics(y_true, y_pred, classes)
     write_json(metrics_path, metrics)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
     writer.writerows([classes[t], classes[q]] for t, q in zip(y_true, y_pred))
     write_text(predictions_path, buf.getvalue())
-    write_bytes(grid_path, prediction_grid(test["images"][:grid_images], y_true[:grid_images], y_pred[:grid_images], classes))
+    shown = grid_indices(y_true, grid_images)
+    write_bytes(grid_path, prediction_grid(test["images"][torch.from_numpy(shown)], y_true[shown], y_pred[shown], classes))
     return metrics
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro-F1 and per-class precision/recall/support; a class never predicted has precision 0."""
+    labels = list(range(len(classes)))
+    precision, recall, _, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return dict(
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        test_images=int(len(y_true)),
+        per_class={c: dict(precision=float(precision[i]), recall=float(recall[i]), support=int(support[i]))
+                   for i, c in enumerate(classes)},
+    )
+
+
+def grid_indices(labels: np.ndarray, n: int) -> np.ndarray:
+    """Test images for the grid, taken class by class in turn (the first of each class, then the second...):
+    the split is stored in class order, so its first n images would show a single class."""
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rank[idx] = np.arange(len(idx))
+    order = np.lexsort((labels, rank))  # by rank within class, then by class
+    return order[:n]
 
 
 def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], tile: int = 96, columns: int = 6) -> bytes:
@@ -68,7 +86,7 @@ def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], ti
 
 def main() -> None:
     p = load_params()
-    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
     metrics = evaluate(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, metrics_path=paths.METRICS / "evaluate.json",
                        predictions_path=paths.METRICS / "predictions.csv", grid_path=paths.METRICS / "prediction_grid.png",
                        grid_images=p.evaluate.grid_images, batch_size=p.evaluate.batch_size,

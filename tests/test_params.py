@@ -34,7 +34,13 @@ def test_committed_params_are_valid_and_complete():
     ({"pretrained": {"source": "hub"}}, "pretrained.source: 'hub' is not valid"),
     ({"data": {"source": "cifar"}}, "data.source: 'cifar' is not valid; choose one of: digits, fashion-mnist, imagefolder"),
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "must leave some images for training"),
-    ({"data": {"classes": [4, 5]}}, "overlap on ['4']"),
+    ({"data": {"classes": [4, 5]}}, "overlap on ['Coat']"),
+    # Spellings differ, classes do not: T-shirt/top is source class 0.
+    ({"data": {"classes": ["Sandal", "Shirt", "T-shirt/top"]}}, "overlap on ['T-shirt/top']"),
+    ({"pretrained": {"train": {"classes": ["Sandal"]}}}, "overlap on ['Sandal']"),
+    ({"data": {"classes": ["Sandal", "Zebra"]}}, "data.classes: 'Zebra' is not a class of this dataset"),
+    ({"data": {"test_fraction": 0.0}}, "data.test_fraction: 0.0 is below the minimum 0.01"),
+    ({"pretrained": {"train": {"per_class": 1}}}, "pretrained.train.per_class: 1 is below the minimum 2"),
     ({"pretrained": {"source": "url", "url": "file:///x"}}, "pretrained.url and pretrained.sha256: both are required"),
     ({"pretrained": {"source": "url", "url": "file:///x", "sha256": "abc"}}, "not a 64-character hex digest"),
     ({"backbone": {"arch": "inception_v3"}}, "too small for inception_v3"),
@@ -43,11 +49,14 @@ def test_committed_params_are_valid_and_complete():
 ])
 def test_bad_values_name_the_key(change, fragment):
     raw = defaults()
-    for k, v in change.items():
-        if isinstance(v, dict) and isinstance(raw.get(k), dict):
-            raw[k] = {**raw[k], **v}
-        else:
-            raw[k] = v
+    def merge(into, change):
+        for k, v in change.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    merge(raw, change)
     if fragment is None:  # an empty section means "all defaults"
         assert validate(raw).finetune.epochs == SCHEMA["finetune"]["epochs"].default
         return
@@ -81,3 +90,28 @@ def test_stage_stops_before_work_on_bad_params(in_tmp):
 def test_committed_params_are_the_schema_defaults():
     # One place for defaults: params.yaml as committed is exactly what the schema documents.
     assert validate(yaml.safe_load((ROOT / "params.yaml").read_text())).to_dict() == defaults()
+
+
+def test_overlap_is_checked_on_the_folder_classes_of_an_imagefolder(tmp_path):
+    from conftest import make_tree
+
+    root = make_tree(tmp_path / "raw", classes=("ants", "bees", "wasps"), per_class=1)
+    raw = defaults()
+    raw["data"].update(source="imagefolder", root=str(root), classes=["bees", "wasps"])
+    raw["pretrained"]["train"]["classes"] = [0, 1]  # ants and bees
+    with pytest.raises(ParamsError, match=r"overlap on \['bees'\]"):
+        validate(raw)
+    raw["pretrained"]["train"]["classes"] = [0]
+    assert validate(raw).data.classes == ["bees", "wasps"]
+
+
+def test_reads_are_recorded_only_after_validation():
+    from transfer.params import record_reads
+
+    raw = defaults()
+    p = validate(raw)
+    with record_reads() as reads:
+        assert p.finetune.lr == 0.01
+        dict(p.runtime.items())
+        validate(raw)
+    assert reads == {"finetune.lr", "runtime.device", "runtime.threads", "runtime.deterministic", "runtime.amp"}

@@ -6,10 +6,11 @@ key, the value and the valid choices, before any stage does any work.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -51,8 +52,8 @@ SCHEMA: dict[str, Any] = {
         "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
         "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
         "image_size": Field("int", 32, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
-        "val_fraction": Field("float", 0.1, "stratified validation fraction (single-tree sources)", min=0.0, max=0.9),
-        "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources)", min=0.0, max=0.9),
+        "val_fraction": Field("float", 0.1, "stratified validation fraction (one tree, or carved from train/ when there is no val folder)", min=0.0, max=0.9),
+        "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources); evaluate needs a test split", min=0.01, max=0.9),
         "train_per_class": Field("int", 5, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
         "eval_per_class": Field("int", 300, "cap on val and test images per class, to keep evaluation quick; null = all", nullable=True, min=1),
         "max_rejected_fraction": Field("float", 0.05, "prepare stops when more than this fraction of input files is unreadable", min=0.0, max=1.0),
@@ -68,7 +69,7 @@ SCHEMA: dict[str, Any] = {
         "path": Field("str", "data/raw/pretrained", "weights file trained elsewhere (source: file)"),
         "train": {
             "classes": Field("list", [0, 1, 2, 3, 4], "source-task classes of data.source (must not overlap data.classes)", item="int_or_str"),
-            "per_class": Field("int", 1500, "source-task training images per class", min=1),
+            "per_class": Field("int", 1500, "source-task images per class (10% of them, at least 1, validate)", min=2),
             "epochs": Field("int", 6, "source-task epochs", min=1),
             "lr": Field("float", 0.05, "source-task SGD learning rate", min=0.0),
             "batch_size": Field("int", 128, "source-task batch size", min=1),
@@ -118,17 +119,69 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+# Keys read since record_reads() started, as dotted paths: the test that holds dvc.yaml's `params`
+# to exactly what each stage reads uses it. None when nobody is recording.
+_reads: set[str] | None = None
+
+
+@contextlib.contextmanager
+def record_reads() -> Iterator[set[str]]:
+    """Collect the dotted keys that stage code reads from Params objects while the block runs."""
+    global _reads
+    previous, _reads = _reads, set()
+    try:
+        yield _reads
+    finally:
+        _reads = previous
+
+
 class Params(dict):
     """A validated section of params.yaml; keys read as attributes (p.finetune.lr)."""
 
+    def __init__(self, *args, prefix: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._prefix = prefix
+
+    def _note(self, name) -> None:
+        if _reads is not None:
+            value = dict.__getitem__(self, name)
+            if isinstance(value, Params):
+                value._note_all()
+            else:
+                _reads.add(self._prefix + name)
+
+    def _note_all(self) -> None:
+        for name in dict.keys(self):
+            self._note(name)
+
+    def __getitem__(self, name):
+        value = dict.__getitem__(self, name)
+        if not isinstance(value, Params):
+            self._note(name)
+        return value
+
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
 
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def items(self):
+        self._note_all()
+        return dict.items(self)
+
+    def values(self):
+        self._note_all()
+        return dict.values(self)
+
     def to_dict(self) -> dict:
-        return {k: v.to_dict() if isinstance(v, Params) else v for k, v in self.items()}
+        self._note_all()
+        return {k: v.to_dict() if isinstance(v, Params) else v for k, v in dict.items(self)}
 
 
 def _type_ok(kind: str, value: Any) -> bool:
@@ -185,7 +238,7 @@ def _validate(schema: dict, raw: Any, prefix: str) -> Params:
         close = difflib.get_close_matches(str(key), list(schema), n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
         raise ParamsError(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(schema)}")
-    out = Params()
+    out = Params(prefix=prefix)
     for name, spec in schema.items():
         key = f"{prefix}{name}"
         if isinstance(spec, dict):
@@ -201,11 +254,7 @@ def _cross_checks(p: Params) -> None:
             f"data.val_fraction + data.test_fraction = {p.data.val_fraction + p.data.test_fraction:g}; "
             "they must leave some images for training (sum below 1)")
     if p.pretrained.source == "train" and p.data.classes is not None:
-        overlap = {str(c) for c in p.pretrained.train.classes} & {str(c) for c in p.data.classes}
-        if overlap:
-            raise ParamsError(
-                f"pretrained.train.classes and data.classes overlap on {sorted(overlap)}; the source task must be "
-                "disjoint from the target task, or the 'pretrained' backbone has already seen the test classes")
+        _check_source_target_disjoint(p)
     if p.pretrained.source == "train" and p.data.classes is None:
         raise ParamsError("data.classes: null means every class, which overlaps pretrained.train.classes; "
                           "list the target classes (disjoint from the source task)")
@@ -221,10 +270,36 @@ def _cross_checks(p: Params) -> None:
         raise ParamsError(f"data.image_size: {p.data.image_size} must be a multiple of the patch size of {p.backbone.arch}")
 
 
+def _check_source_target_disjoint(p: Params) -> None:
+    """The source task and the target task must not share a class, compared as resolved classes
+    (index 0 and "T-shirt/top" are the same Fashion-MNIST class), not as spellings."""
+    from transfer import data  # here: only this check needs the dataset's class list
+
+    try:
+        available = data.class_names(p.data.source, p.data.root)
+    except data.DataError:
+        return  # data.root is unusable; prepare says so with the reason
+    try:
+        source = data.resolve_classes(p.pretrained.train.classes, available, "pretrained.train.classes")
+        target = data.resolve_classes(p.data.classes, available, "data.classes")
+    except data.DataError as e:
+        raise ParamsError(str(e)) from None
+    overlap = [c for c in target if c in source]
+    if overlap:
+        raise ParamsError(
+            f"pretrained.train.classes and data.classes overlap on {overlap}; the source task must be disjoint "
+            "from the target task, or the 'pretrained' backbone has already seen the test classes")
+
+
 def validate(raw: Any) -> Params:
     """Validate a params mapping (as read from YAML); return it with defaults filled in."""
-    params = _validate(SCHEMA, raw, "")
-    _cross_checks(params)
+    global _reads
+    recording, _reads = _reads, None  # validation reads every key; only what stages use counts as a read
+    try:
+        params = _validate(SCHEMA, raw, "")
+        _cross_checks(params)
+    finally:
+        _reads = recording
     return params
 
 

@@ -17,6 +17,7 @@ CHECKPOINTS = Path("models/checkpoints")  # finetune.pt: resumable training stat
 EXPORT_DIR = Path("models/export")  # model_fp32.safetensors, model_fp16.safetensors, model.json
 
 METRICS = Path("metrics")
+LOGS = Path("logs")  # run logs (timings) that vary between identical runs: never DVC outputs, not in git
 SPLITS = ("train", "val", "test")
 
 

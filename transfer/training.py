@@ -28,11 +28,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure_runtime(*, threads: int, deterministic: bool, seed: int) -> None:
-    """Threads, seeds and determinism, once per stage process."""
+def configure_runtime(*, threads: int, deterministic: bool, seed: int | None = None) -> None:
+    """Threads, determinism and (for stages that draw random numbers) the seed, once per stage process."""
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     if deterministic:
         # cuBLAS needs a fixed workspace for deterministic matmuls; cuDNN must not auto-tune.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
