@@ -73,7 +73,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
         history = [dict(epoch=0, val_acc=training.accuracy(logits, val["labels"]))]
         best_state, best_epoch = model.state_dict(), 1
     else:
-        fingerprint = _fingerprint(p, backbone_dir, head_dir)
+        # The checkpoint is the resume state: without resume it would be ~1 GB of writes per run for nothing.
+        fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device) if f.resume else ""
         train, _ = load_tensors(paths.split_file(prepared_dir, "train"))
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
@@ -82,7 +83,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
             epochs=f.epochs, batch_size=f.batch_size, momentum=f.momentum, weight_decay=f.weight_decay,
             scheduler=f.scheduler, step_size=f.step_size, gamma=f.gamma, augment_pad=f.augment_pad,
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
-            eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint, resume=f.resume, fingerprint=fingerprint)
+            eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
+            fingerprint=fingerprint)
     save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
     write_json(out_dir / "model.json", meta)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
@@ -93,11 +95,14 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     return metrics
 
 
-def _fingerprint(p: Params, backbone_dir: Path, head_dir: Path) -> str:
-    """What a resumable checkpoint must match: every setting and input that shapes the training."""
+def _fingerprint(p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Path, device: torch.device) -> str:
+    """What a resumable checkpoint must match: every setting and input that shapes the training, so a
+    resume never continues a run on other data, weights, settings or device."""
     parts = dict(strategy=p.strategy, finetune={k: v for k, v in p.finetune.items() if k != "resume"}, seed=p.seed,
-                 amp=p.runtime.amp, backbone=read_json(backbone_dir / "backbone.json")["sha256"],
-                 head=sha256_file(head_dir / "head.safetensors"))
+                 amp=p.runtime.amp, deterministic=p.runtime.deterministic, device=str(device),
+                 eval_batch_size=p.evaluate.batch_size,
+                 data={split: sha256_file(paths.split_file(prepared_dir, split)) for split in ("train", "val")},
+                 backbone=sha256_file(backbone_dir / "backbone.safetensors"), head=sha256_file(head_dir / "head.safetensors"))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

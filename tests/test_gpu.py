@@ -27,21 +27,33 @@ def test_gpu_predictions_match_cpu():
     images, _ = _data()
     backbone, _ = models.build_backbone("resnet18", 32)
     kw = dict(mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, batch_size=32)
-    cpu = training.predict(backbone, images, device=torch.device("cpu"), **kw)
-    gpu = training.predict(backbone, images, device=torch.device("cuda"), amp=False, **kw)
+    # The reference is fp32 on the CPU: amp=True there would autocast to bf16 on CPUs with native bf16.
+    cpu = training.predict(backbone, images, device=torch.device("cpu"), amp=False, **kw)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # TF32 is not fp32
+    try:
+        gpu = training.predict(backbone, images, device=torch.device("cuda"), amp=False, **kw)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     bf16 = training.predict(backbone, images, device=torch.device("cuda"), amp=True, **kw)
-    assert torch.allclose(cpu, gpu, atol=1e-3, rtol=1e-3)
+    scale = cpu.abs().max()
+    assert (cpu - gpu).abs().max() <= 1e-4 * scale
+    # bf16 keeps 8 mantissa bits (~0.4% per rounding); through 18 layers a few percent of the largest
+    # activation is its honest tolerance, and the direction of each embedding must hold.
+    assert (cpu - bf16).abs().max() <= 0.05 * scale
     assert torch.nn.functional.cosine_similarity(cpu, bf16).min() > 0.99
 
 
-def test_deterministic_finetune_on_gpu_is_bit_identical():
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+def test_deterministic_finetune_on_gpu_is_bit_identical(arch):
+    """vgg11's 7x7 adaptive pool has no deterministic CUDA backward: it must train (by matmul), not raise."""
     training.configure_runtime(threads=0, deterministic=True, seed=0)
     try:
         images, labels = _data()
         results = []
         for _ in range(2):
             torch.manual_seed(0)
-            backbone, dim = models.build_backbone("resnet18", 32)
+            backbone, dim = models.build_backbone(arch, 32)
             model = models.Classifier(backbone, models.make_head("linear", dim, 3))
             best, _, _ = training.fit(
                 model, train_images=images, train_labels=labels, val_images=images[:16], val_labels=labels[:16],

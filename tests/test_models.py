@@ -86,3 +86,25 @@ def test_thousand_class_head_into_five_class_model(tmp_path):
     save_tensors(tmp_path / "m.safetensors", big.state_dict())
     with pytest.raises(ModelError, match=r"head\.fc\.\w+ has shape \(1000,.*\) but this resnet18 with 5 classes needs \(5,"):
         models.load_model(tmp_path / "m.safetensors", meta)
+
+
+@pytest.mark.parametrize("in_hw, out", [((7, 7), 7), ((1, 1), 7), ((5, 9), (3, 4)), ((13, 10), (7, None))])
+def test_matmul_adaptive_pool_equals_torchs_in_value_and_gradient(in_hw, out):
+    """The deterministic replacement for VGG's adaptive pool (used on CUDA under runtime.deterministic)
+    computes exactly what F.adaptive_avg_pool2d does, forward and backward."""
+    x = torch.randn(2, 3, *in_hw, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.adaptive_avg_pool2d(x, out)
+    got = models.adaptive_avg_pool2d_matmul(x, out)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12)
+    weights = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.allclose(g_got, g_ref, atol=1e-12)
+
+
+def test_vgg_pools_through_the_deterministic_module():
+    backbone, _ = models.build_backbone("vgg11", 32)
+    assert isinstance(backbone.avgpool, models.DeterministicAdaptiveAvgPool2d)
+    x = torch.randn(1, 3, 32, 32)
+    backbone.eval()
+    assert backbone(x).shape == (1, 4096)  # CPU path: torch's own pooling, unchanged

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,13 +47,20 @@ def test_whole_chain_with_source_task_pretraining(in_tmp):
     emb, meta = load_tensors(in_tmp / "data/embeddings/test.safetensors")
     assert emb["embeddings"].shape == (75, 512) and emb["embeddings"].dtype == torch.float16
     ev = read_json(in_tmp / "metrics/evaluate.json")
-    assert ev["test_images"] == 75 and set(ev["per_class"]) == {"5", "6", "7", "8", "9"} and ev["accuracy"] > 0.2
     rows = (in_tmp / "metrics/predictions.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 76
+    pairs = [r.split(",") for r in rows[1:]]
+    # The metrics are those of the predictions written beside them, and the model learnt the task: chance
+    # is 0.2 for five classes; this tiny run (16 px, 10 images per class, 3 epochs) measured 0.51.
+    assert ev["accuracy"] == pytest.approx(sum(a == b for a, b in pairs) / 75) and ev["accuracy"] >= 0.4
+    assert ev["test_images"] == 75 and {k: v["support"] for k, v in ev["per_class"].items()} == {c: 15 for c in "56789"}
     from PIL import Image
-    assert Image.open(in_tmp / "metrics/prediction_grid.png").size == (6 * 96, 4 * (96 + 26))
+    with Image.open(in_tmp / "metrics/prediction_grid.png") as grid:
+        assert grid.size == (6 * 96, 4 * (96 + 26))
     conv = read_json(in_tmp / "metrics/convert.json")
     assert conv["fp32_agreement"] == 1.0 and conv["fp32_max_abs_logit_diff"] == 0.0 and conv["fp16_agreement"] > 0.9
+    assert not (in_tmp / "models/checkpoints").exists()  # finetune.resume is off: no resume state written
+    assert not list((in_tmp / "data/embeddings").glob("*.json"))  # nothing that varies run to run in an output
     curves = in_tmp / "metrics/curves/finetune/plots/metrics/val/acc.tsv"
     assert curves.read_text().splitlines()[0] == "step\tacc" and len(curves.read_text().splitlines()) == 4
     export = in_tmp / "models/export/model_fp16.safetensors"
@@ -83,7 +91,7 @@ def test_strategies_train_what_they_should(in_tmp):
     assert not same(sc, "conv1.weight") and not same(sc, "bn1.running_mean")
     assert results["feature_extract"][1]["trainable_params"] == 0
     lrs = (in_tmp / "metrics/curves/finetune/plots/metrics/lr.tsv").read_text().split()  # the last run: scratch, cosine
-    assert float(lrs[-1]) < float(lrs[3]) == pytest.approx(0.01)
+    assert float(lrs[-1]) < float(lrs[3]) == pytest.approx(0.003)
     assert results["partial"][1]["trainable_params"] < results["finetune"][1]["trainable_params"]
 
 
@@ -157,30 +165,37 @@ def test_pretrained_from_url_and_from_file(in_tmp, monkeypatch):
 
 
 def test_finetune_resumes_after_sigkill_and_matches_uninterrupted(in_tmp):
-    params = tiny_params(strategy="finetune", pretrained={"source": "none"}, finetune={"epochs": 6, "resume": True})
+    params = tiny_params(strategy="finetune", pretrained={"source": "none"}, finetune={"epochs": 4, "resume": True})
     write_params(in_tmp, params)
     run_pipeline(in_tmp, STAGES[:4])
     run_stage("finetune", in_tmp)
     reference = (in_tmp / "models/model/model.safetensors").read_bytes()
     ckpt = in_tmp / "models/checkpoints/finetune.pt"
     ckpt.unlink()
-    proc = subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, stdout=subprocess.PIPE, text=True,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:  # kill as soon as epoch 2 is reported, mid-run
-        if line.startswith("epoch 2/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert 1 <= io.load_checkpoint(ckpt)["epoch"] < 6
+    with subprocess.Popen([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, stdout=subprocess.PIPE, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}) as proc:
+        for line in proc.stdout:  # kill as soon as epoch 2 is reported, mid-run
+            if line.startswith("epoch 2/"):
+                proc.send_signal(signal.SIGKILL)
+                break
+    assert 1 <= io.load_checkpoint(ckpt)["epoch"] < 4
     r = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert "resuming from" in r.stdout and "epoch 1/" not in r.stdout, r.stdout + r.stderr
     assert (in_tmp / "models/model/model.safetensors").read_bytes() == reference
-    # A checkpoint from other settings is not resumed.
+    # A checkpoint from other settings, or from other data under the same settings, is not resumed.
+    state = ckpt.read_bytes()
     write_params(in_tmp, {**params, "finetune": {**params["finetune"], "lr": 0.02}})
     r = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert "other settings; starting from epoch 1" in r.stdout
+    ckpt.write_bytes(state)
+    write_params(in_tmp, params)
+    train, meta = load_tensors(in_tmp / "data/prepared/train.safetensors")
+    io.save_tensors(in_tmp / "data/prepared/train.safetensors", {**train, "labels": train["labels"].flip(0)}, meta=meta)
+    r = subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=in_tmp, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert "other settings; starting from epoch 1" in r.stdout, r.stdout + r.stderr
 
 
 def test_partial_with_too_many_blocks_stops_before_training(in_tmp):
@@ -215,3 +230,61 @@ def test_mlp_head_keeps_its_best_validation_epoch(in_tmp):
     run_stage("finetune")  # feature_extract with the mlp head
     run_stage("evaluate")
     assert read_json(in_tmp / "metrics/evaluate.json")["test_images"] == 75
+
+
+def test_exported_model_loads_back_as_a_pretrained_file(in_tmp):
+    """The pipeline's own export (keys under backbone. and head.) starts a new run as pretrained.source: file."""
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy="finetune", finetune={"epochs": 1}))
+    run_pipeline(in_tmp)
+    exported, _ = load_tensors(in_tmp / "models/export/model_fp32.safetensors")
+    write_params(in_tmp, tiny_params(pretrained={"source": "file", "path": "models/export/model_fp32.safetensors"}))
+    run_stage("pretrain")
+    report = read_json(in_tmp / "models/backbone/load_report.json")
+    assert report["stripped_prefix"] == "backbone." and report["counts"]["loaded"] == 120 and not report["missing"]
+    assert report["skipped"] == {"head.fc.weight": "not in this backbone", "head.fc.bias": "not in this backbone"}
+    got, _ = load_tensors(in_tmp / "models/backbone/backbone.safetensors")
+    assert all(torch.equal(got[k], exported[f"backbone.{k}"]) for k in got)
+    write_params(in_tmp, tiny_params(backbone={"arch": "resnet34"},
+                                     pretrained={"source": "file", "path": "models/export/model_fp32.safetensors"}))
+    assert "holds a resnet18 model, but backbone.arch is resnet34; set backbone.arch: resnet18" in stage_error("pretrain")
+
+
+def test_vit_weights_at_another_resolution_are_resampled():
+    """ImageNet ViT weights (7x7 patches at 224 px) into a 64 px vit_b_32 (2x2): position embeddings resampled."""
+    torch.manual_seed(0)
+    backbone, _ = models.build_backbone("vit_b_32", 64)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    grid = torch.arange(49.0).view(1, 1, 7, 7).expand(1, 768, 7, 7)
+    state["encoder.pos_embedding"] = torch.cat([torch.full((1, 1, 768), -1.0), grid.flatten(2).transpose(1, 2)], 1)
+    report = models.load_backbone_weights(backbone, state, partial=False)
+    assert report["resampled"] == {"encoder.pos_embedding": "resampled from (1, 50, 768) to (1, 5, 768) for 64 px"}
+    pos = backbone.encoder.pos_embedding[0, :, 0]
+    assert pos[0] == -1.0  # the class token's embedding is kept, not interpolated
+    assert pos[1:].tolist() == pytest.approx([0.0, 6.0, 42.0, 48.0])  # the grid's corners (align_corners)
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    from stages.evaluate import classification_metrics
+
+    # rows true, columns predicted:  a  b  c
+    #                            a [ 2  1  0 ]
+    #                            b [ 0  2  0 ]
+    #                            c [ 1  0  0 ]
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 0, 1, 1, 0])
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["test_images"] == 6
+    assert m["per_class"]["a"] == pytest.approx(dict(precision=2 / 3, recall=2 / 3, support=3))
+    assert m["per_class"]["b"] == pytest.approx(dict(precision=2 / 3, recall=1.0, support=2))
+    assert m["per_class"]["c"] == pytest.approx(dict(precision=0.0, recall=0.0, support=1))  # never predicted
+    f1 = [2 / 3, 2 * (2 / 3) / (2 / 3 + 1), 0.0]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_prediction_grid_samples_every_class():
+    from stages.evaluate import grid_indices
+
+    labels = np.repeat([0, 1, 2, 3], 10)  # stored in class order, as prepare writes the test split
+    idx = grid_indices(labels, 6)
+    assert labels[idx].tolist() == [0, 1, 2, 3, 0, 1] and idx.tolist() == [0, 10, 20, 30, 1, 11]
+    assert len(grid_indices(np.array([2, 2, 0]), 24)) == 3

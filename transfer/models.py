@@ -54,9 +54,46 @@ def _construct(arch: str, image_size: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
+def adaptive_avg_pool2d_matmul(x: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d written as two averaging matrices (same bins, same result). Its backward is
+    a matmul, which CUDA can run deterministically; adaptive pooling's own CUDA backward cannot."""
+    h, w = x.shape[-2:]
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    oh, ow = oh or h, ow or w
+
+    def bins(n: int, m: int) -> torch.Tensor:
+        mat = torch.zeros(m, n, dtype=x.dtype, device=x.device)
+        for i in range(m):
+            start, end = (i * n) // m, -(-((i + 1) * n) // m)
+            mat[i, start:end] = 1.0 / (end - start)
+        return mat
+
+    return torch.einsum("oh,bchw,pw->bcop", bins(h, oh), x, bins(w, ow))
+
+
+class DeterministicAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d that, under runtime.deterministic on CUDA, pools by matmul (see above), so
+    VGG (whose 7x7 adaptive pool has no deterministic CUDA backward) trains instead of raising."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.output_size
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled() and size not in (1, (1, 1)):
+            return adaptive_avg_pool2d_matmul(x, size)
+        return super().forward(x)
+
+
+def _deterministic_pools(net: nn.Module) -> None:
+    for name, module in list(net.named_modules()):
+        if type(module) is nn.AdaptiveAvgPool2d:
+            parent_path, _, leaf = name.rpartition(".")
+            parent = net.get_submodule(parent_path) if parent_path else net
+            setattr(parent, leaf, DeterministicAdaptiveAvgPool2d(module.output_size))
+
+
 def build_backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
     """The torchvision network with its classifier replaced by Identity, and the feature width."""
     net = _construct(arch, image_size)
+    _deterministic_pools(net)
     path = CLASSIFIER_PATH[family(arch)]
     parent_path, _, leaf = path.rpartition(".")
     parent = net.get_submodule(parent_path) if parent_path else net
@@ -175,6 +212,39 @@ def count_blocks(arch: str, image_size: int = 224) -> int:
     return len(blocks(backbone, arch))
 
 
+def _strip_common_prefix(state: dict[str, torch.Tensor], own: dict) -> tuple[dict, str]:
+    """Keys under one leading name that the backbone lacks (`backbone.` in this pipeline's own exports,
+    `model.`, `encoder.`...) are matched without it when that makes more of them fit."""
+    best, best_hits = "", sum(k in own for k in state)
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
+        hits = sum(k[len(prefix):] in own for k in state if k.startswith(prefix))
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    if not best:
+        return state, ""
+    return {k[len(best):] if k.startswith(best) else k: v for k, v in state.items()}, best
+
+
+def _resample_position_embeddings(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A ViT trained at another resolution: its position embeddings are resampled (bicubic) to this
+    backbone's patch grid, as torchvision and timm do, instead of failing on the shape."""
+    from torchvision.models import VisionTransformer
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    key = "encoder.pos_embedding"
+    if not isinstance(backbone, VisionTransformer) or key not in state:
+        return {}
+    got, want = tuple(state[key].shape), tuple(backbone.encoder.pos_embedding.shape)
+    if got == want or len(got) != 3 or got[2] != want[2]:
+        return {}
+    try:
+        new = interpolate_embeddings(backbone.image_size, backbone.patch_size, {key: state[key]})[key]
+    except ValueError as e:  # not a square grid: leave it to the shape check, which reports it
+        return {key: f"not resampled: {e}"}
+    state[key] = new
+    return {key: f"resampled from {got} to {tuple(new.shape)} for {backbone.image_size} px"}
+
+
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *, partial: bool) -> dict:
     """Load weights into the backbone; return a report of loaded / skipped / missing keys.
 
@@ -183,6 +253,8 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *
     key skipped and why; nothing is skipped silently.
     """
     own = backbone.state_dict()
+    state, prefix = _strip_common_prefix(dict(state), own) if partial else (dict(state), "")
+    resampled = _resample_position_embeddings(backbone, state)
     loaded, skipped = {}, {}
     for key, value in state.items():
         if key not in own:
@@ -193,6 +265,10 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *
             loaded[key] = value
     missing = sorted(set(own) - set(loaded))
     report = {"loaded": sorted(loaded), "skipped": skipped, "missing": missing}
+    if prefix:
+        report["stripped_prefix"] = prefix
+    if resampled:
+        report["resampled"] = resampled
     if not partial and (skipped or missing):
         shape_issues = {k: v for k, v in skipped.items() if v.startswith("shape")}
         first = next(iter(shape_issues.items()), None) or next(iter(skipped.items()), None)
@@ -201,8 +277,9 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *
                          f"{len(missing)} missing keys; {detail}). For a network trained elsewhere use "
                          "pretrained.source: file, which loads what matches and reports the rest")
     if not loaded:
-        raise ModelError("no key of the weights file matches this backbone in name and shape; it was trained for a "
-                         f"different architecture (e.g. keys {list(state)[:3]}); check backbone.arch")
+        raise ModelError(f"no key of the weights file matches this {type(backbone).__name__} backbone in name and "
+                         f"shape, even under a common prefix (its keys: {list(state)[:3]}...); it holds another "
+                         "architecture, or a layout whose keys need renaming")
     backbone.load_state_dict(loaded, strict=False)
     return report
 
