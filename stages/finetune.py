@@ -1,7 +1,8 @@
 """finetune: adapt the backbone by `strategy`; write the final classifier.
 
 - feature_extract: frozen backbone + the trained head, no further training;
-- finetune: backbone + trained head, all layers trained, backbone lr = lr * backbone_lr_factor;
+- finetune: backbone + trained head, all layers trained, backbone lr = lr * backbone_lr_factor, or
+  per block lr * layer_decay^(depth from the head) when finetune.layer_decay is set;
 - partial: as finetune with the first finetune.freeze_blocks backbone blocks frozen;
 - scratch: same architecture, random weights, everything trained at lr.
 
@@ -50,11 +51,21 @@ def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blo
     return model, meta
 
 
-def param_groups(model: models.Classifier, *, strategy: str, lr: float, backbone_lr_factor: float) -> list[dict]:
-    """Per-group learning rates: the pretrained backbone moves slower than the new head."""
-    backbone_lr = lr if strategy == "scratch" else lr * backbone_lr_factor
-    groups = [{"params": [q for q in model.backbone.parameters() if q.requires_grad], "lr": backbone_lr, "name": "backbone"},
-              {"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+def param_groups(model: models.Classifier, *, strategy: str, lr: float, backbone_lr_factor: float,
+                 layer_decay: float | None = None, arch: str = "") -> list[dict]:
+    """Per-group learning rates: the pretrained backbone moves slower than the new head. With
+    layer_decay, each backbone block gets lr * layer_decay^(its depth from the head), the BEiT/timm
+    rule (the last block decay^1, the first decay^n). Frozen parameters join no group, and the lr is
+    set on each group itself, so any torch scheduler scales it (timm's lr_scale needs timm's own)."""
+    head = {"params": list(model.head.parameters()), "lr": lr, "name": "head"}
+    if strategy == "scratch" or layer_decay is None:
+        backbone_lr = lr if strategy == "scratch" else lr * backbone_lr_factor
+        groups = [{"params": [q for q in model.backbone.parameters() if q.requires_grad], "lr": backbone_lr,
+                   "name": "backbone"}, head]
+    else:
+        blocks = models.block_parameter_groups(model.backbone, arch)
+        groups = [{"params": [q for q in params if q.requires_grad], "lr": lr * layer_decay ** (len(blocks) - i),
+                   "name": f"block{i}"} for i, params in enumerate(blocks)] + [head]
     return [g for g in groups if g["params"]]
 
 
@@ -79,7 +90,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
             val_labels=val["labels"], param_groups=param_groups(model, strategy=p.strategy, lr=f.lr,
-                                                                 backbone_lr_factor=f.backbone_lr_factor),
+                                                                 backbone_lr_factor=f.backbone_lr_factor,
+                                                                 layer_decay=f.layer_decay, arch=meta["arch"]),
             epochs=f.epochs, batch_size=f.batch_size, momentum=f.momentum, weight_decay=f.weight_decay,
             scheduler=f.scheduler, step_size=f.step_size, gamma=f.gamma, augment_pad=f.augment_pad,
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,

@@ -15,7 +15,7 @@ import torch
 
 from transfer import data, models, paths, training
 from transfer.data import DataError
-from transfer.io import WeightsError, download, load_state_dict, load_tensors, save_tensors, sha256_file, torchvision_hash_prefix, write_json
+from transfer.io import WeightsError, download, load_state_dict, load_tensors, load_weights, save_tensors, sha256_file, torchvision_hash_prefix, write_json
 from transfer.models import ModelError
 from transfer.params import Params, ParamsError, load_params
 
@@ -117,7 +117,7 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
     arch, image_size, src = p.backbone.arch, p.data.image_size, p.pretrained.source
     device = training.pick_device(p.runtime.device)
     backbone, dim = models.build_backbone(arch, image_size)
-    mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
+    mean, std = models.normalisation(arch, backbone)
     details, report, metrics = {}, {"loaded": [], "skipped": {}, "missing": []}, {}
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"  # where torchvision itself caches weights
     if src == "torchvision":
@@ -126,19 +126,24 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
         state = load_state_dict(path)
         if arch == "inception_v3":  # built without the auxiliary classifier
             state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-        report = models.load_backbone_weights(backbone, _drop_classifier(state, arch), partial=False)
-    elif src == "url":
-        name = p.pretrained.url.rsplit("/", 1)[-1] or "weights.pt"
-        path = download(p.pretrained.url, cache_dir / name, sha256=p.pretrained.sha256)
-        report = models.load_backbone_weights(backbone, _drop_classifier(load_state_dict(path), arch), partial=True)
-        details = dict(url=p.pretrained.url)
-    elif src == "file":
-        path = Path(p.pretrained.path)
-        if not path.is_file():
-            raise WeightsError(f"pretrained.path: {path} is not a file; point it at a .safetensors/.pt/.pth weights file")
-        _check_exported_arch(path, arch)
-        report = models.load_backbone_weights(backbone, load_state_dict(path), partial=True)
-        details = dict(path=str(path), file_sha256=sha256_file(path))
+        report = models.load_backbone_weights(backbone, _drop_classifier(state, arch, backbone), partial=False)
+    elif src == "timm":
+        state, details = fetch_timm(arch=arch, weights=p.pretrained.weights, image_size=image_size)
+        report = models.load_backbone_weights(backbone, state, partial=False)
+    elif src in ("url", "file"):
+        if src == "url":
+            name = p.pretrained.url.rsplit("/", 1)[-1] or "weights.pt"
+            path = download(p.pretrained.url, cache_dir / name, sha256=p.pretrained.sha256)
+            details = dict(url=p.pretrained.url)
+        else:
+            path = Path(p.pretrained.path)
+            if not path.is_file():
+                raise WeightsError(f"pretrained.path: {path} is not a file; point it at a .safetensors/.pt/.pth weights file")
+            _check_exported_arch(path, arch)
+            details = dict(path=str(path), file_sha256=sha256_file(path))
+        report = load_foreign(backbone, path=path, arch=arch, entry=p.pretrained.entry, strip_prefix=p.pretrained.strip_prefix,
+                              rename=p.pretrained.rename, match=p.pretrained.match,
+                              min_fraction=p.pretrained.min_loaded_fraction, report_path=out_dir / "load_report.json")
     elif src == "train":
         task = load_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes, image_size=image_size,
                          per_class=p.pretrained.train.per_class, seed=p.seed,
@@ -154,12 +159,54 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
     weights_file = out_dir / "backbone.safetensors"
     save_tensors(weights_file, backbone.state_dict(), meta={"arch": arch, "image_size": image_size})
     info = dict(arch=arch, source=src, feature_dim=dim, image_size=image_size, mean=list(mean), std=list(std),
-                num_blocks=len(models.blocks(backbone, arch)), sha256=sha256_file(weights_file), **details)
+                num_blocks=len(models.blocks(backbone, arch)), sha256=sha256_file(weights_file),
+                **models.native_input(arch, backbone), **details)
     write_json(out_dir / "backbone.json", info)
-    write_json(out_dir / "load_report.json", {**report, "counts": {k: len(v) for k, v in report.items()}})
+    write_json(out_dir / "load_report.json", with_counts(report))
     metrics = {**metrics, "loaded_keys": len(report["loaded"]), "skipped_keys": len(report["skipped"]), "missing_keys": len(report["missing"])}
     write_json(metrics_path, metrics)
     return info
+
+
+def with_counts(report: dict) -> dict:
+    return {**report, "counts": {k: len(report[k]) for k in ("loaded", "skipped", "missing")}}
+
+
+def load_foreign(backbone, *, path: Path, arch: str, entry: str, strip_prefix: list[str], rename: list[list[str]],
+                 match: str, min_fraction: float, report_path: Path) -> dict:
+    """A checkpoint from another codebase into the backbone: unwrap the nested entry, map the keys
+    (strip_prefix, then rename), match by name or order. Every step is in the report, which is written
+    even when the load is refused, so the user can see what did not fit."""
+    state, unwrapped = load_weights(path, entry=entry)
+    state, mapping = models.map_keys(state, strip_prefix=strip_prefix, rename=rename)
+    try:
+        report = models.load_backbone_weights(backbone, state, partial=True, match=match, min_fraction=min_fraction)
+    except ModelError:
+        write_json(report_path, dict(checkpoint=unwrapped, key_mapping=mapping, refused=True))
+        raise
+    return {**report, "checkpoint": unwrapped, "key_mapping": mapping}
+
+
+def fetch_timm(*, arch: str, weights: str, image_size: int) -> tuple[dict, dict]:
+    """timm's own pretrained weights, through its Hugging Face hub download (and cache) by weights tag."""
+    import timm
+
+    name = models.timm_name(arch) + ("" if weights == "DEFAULT" else f".{weights}")
+    kwargs = {"img_size": image_size} if timm.models.get_pretrained_cfg(models.timm_name(arch)).fixed_input_size else {}
+    try:
+        net = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except RuntimeError as e:
+        if "Unknown" in str(e) or "Invalid pretrained tag" in str(e) or "No pretrained weights" in str(e):
+            raise ParamsError(f"pretrained.weights: {weights!r}: {e}; timm.list_pretrained('{models.timm_name(arch)}*') "
+                              "lists the tags") from None
+        raise WeightsError(f"could not load timm weights {name}: {e}") from None
+    except (OSError, ValueError) as e:  # huggingface_hub's offline and not-found errors are OSErrors
+        raise WeightsError(
+            f"could not download timm weights {name} from the Hugging Face hub ({type(e).__name__}). Offline? On a "
+            f"machine with network run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy "
+            "the hub cache (~/.cache/huggingface) here, or save the weights to a file and set pretrained.source: file "
+            "with pretrained.path") from None
+    return net.state_dict(), dict(weights=net.pretrained_cfg.get("tag") or weights, hf_hub_id=net.pretrained_cfg.get("hf_hub_id"))
 
 
 def _check_exported_arch(path: Path, arch: str) -> None:
@@ -172,10 +219,14 @@ def _check_exported_arch(path: Path, arch: str) -> None:
                            f"set backbone.arch: {meta['arch']} to start from it")
 
 
-def _drop_classifier(state: dict, arch: str) -> dict:
-    """Official checkpoints carry the 1000-class classifier that our backbone replaced by Identity."""
-    prefix = models.CLASSIFIER_PATH[models.family(arch)] + "."
-    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+def _drop_classifier(state: dict, arch: str, backbone) -> dict:
+    """Official checkpoints carry the 1000-class classifier that our backbone does without."""
+    if models.is_timm(arch):
+        names = backbone.pretrained_cfg.get("classifier") or ()
+        prefixes = tuple(n + "." for n in ([names] if isinstance(names, str) else names))
+    else:
+        prefixes = (models.CLASSIFIER_PATH[models.family(arch)] + ".",)
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
 
 
 def main() -> None:

@@ -64,6 +64,9 @@ def tiny_params(**sections) -> dict:
     p = defaults()
     p["data"].update(source="digits", root="data/raw", classes=[5, 6, 7, 8, 9], image_size=16, train_per_class=10,
                      eval_per_class=15)
+    # The source-task setup (resnet18 pretrained on digits 0-4 here), not the ImageNet default.
+    p["backbone"]["arch"] = "resnet18"
+    p["pretrained"].update(source="train", path="data/raw/pretrained", match="name")
     p["pretrained"]["train"].update(per_class=100, epochs=4, batch_size=32, lr=0.05)
     p["train_head"].update(epochs=30)
     p["finetune"].update(epochs=3, batch_size=16, lr=0.003)
@@ -71,7 +74,11 @@ def tiny_params(**sections) -> dict:
     p["runtime"]["threads"] = 1
     for name, values in sections.items():
         if isinstance(values, dict):
-            p[name].update(values)
+            for key, value in values.items():  # one level deeper too: pretrained={"train": {...}}
+                if isinstance(value, dict) and isinstance(p[name].get(key), dict):
+                    p[name][key].update(value)
+                else:
+                    p[name][key] = value
         else:
             p[name] = values
     return p

@@ -108,3 +108,63 @@ def test_vgg_pools_through_the_deterministic_module():
     x = torch.randn(1, 3, 32, 32)
     backbone.eval()
     assert backbone(x).shape == (1, 4096)  # CPU path: torch's own pooling, unchanged
+
+
+# ---------------------------------------------------------------- timm behind the same interface
+
+# (arch, image size, feature width, blocks): a CNN, a ConvNeXt, an EfficientNet and a small ViT,
+# built without weights; blocks come from each model's own group_matcher, not from a table.
+TIMM_FAMILIES = [
+    ("timm/resnet18", 32, 512, 5),
+    ("timm/convnext_atto", 32, 320, 6),
+    ("timm/tf_efficientnet_lite0", 32, 1280, 8),
+    ("timm/vit_tiny_patch16_224", 32, 192, 13),
+]
+
+
+@pytest.mark.parametrize("arch, size, dim, n_blocks", TIMM_FAMILIES)
+def test_timm_models_build_freeze_and_run(arch, size, dim, n_blocks):
+    torch.manual_seed(0)
+    backbone, width = models.build_backbone(arch, size)
+    assert width == dim
+    feats = backbone.eval()(torch.randn(2, 3, size, size))
+    assert feats.shape == (2, dim)  # timm's num_classes=0: pooled features, no classifier
+    assert len(models.blocks(backbone, arch)) == n_blocks
+    model = models.Classifier(backbone, models.make_head("linear", width, 3))
+    model.bn_frozen = True
+    frozen = models.freeze_first_blocks(model, arch, 2)
+    assert frozen and all(name.startswith("backbone.") for name in frozen)
+    model.train()
+    model(torch.randn(2, 3, size, size)).sum().backward()
+    groups = models.block_parameter_groups(backbone, arch)
+    assert sum(len(g) for g in groups) == len(list(backbone.parameters()))  # every parameter in one block
+    assert all(q.grad is None and not q.requires_grad for g in groups[:2] for q in g)
+    assert any(q.grad is not None for q in groups[-1])
+    mean, std = models.normalisation(arch, backbone)
+    assert len(mean) == len(std) == 3
+
+
+def test_timm_normalisation_and_native_size_come_from_pretrained_cfg():
+    backbone, _ = models.build_backbone("timm/tf_efficientnet_lite0", 64)
+    assert models.normalisation("timm/tf_efficientnet_lite0", backbone) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert models.native_input("timm/tf_efficientnet_lite0", backbone) == dict(native_size=224, interpolation="bicubic")
+    vit, _ = models.build_backbone("timm/vit_tiny_patch16_224", 64)
+    assert tuple(vit.patch_embed.grid_size) == (4, 4)  # built for data.image_size, not 224
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm/convnext_atto"])
+def test_layer_decay_gives_each_block_lr_times_decay_to_its_depth(arch):
+    from stages.finetune import param_groups
+
+    backbone, dim = models.build_backbone(arch, 32)
+    model = models.Classifier(backbone, models.make_head("linear", dim, 3))
+    n = len(models.blocks(backbone, arch))
+    groups = param_groups(model, strategy="finetune", lr=0.1, backbone_lr_factor=0.1, layer_decay=0.5, arch=arch)
+    assert [g["name"] for g in groups] == [f"block{i}" for i in range(n)] + ["head"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.1 * 0.5 ** (n - i) for i in range(n)] + [0.1])
+    models.freeze_first_blocks(model, arch, 2)  # frozen blocks join no group (timm #2691's trap)
+    partial = param_groups(model, strategy="partial", lr=0.1, backbone_lr_factor=0.1, layer_decay=0.5, arch=arch)
+    assert [g["name"] for g in partial] == [f"block{i}" for i in range(2, n)] + ["head"]
+    assert all(q.requires_grad for g in partial for q in g["params"])
+    two = param_groups(model, strategy="finetune", lr=0.1, backbone_lr_factor=0.1, arch=arch)  # the simple case
+    assert [(g["name"], g["lr"]) for g in two] == [("backbone", pytest.approx(0.01)), ("head", 0.1)]

@@ -19,7 +19,7 @@ def test_committed_params_are_valid_and_complete():
 
     # DVC tracks params by key, so params.yaml must spell out every key a stage reads.
     assert set(raw_keys(raw)) == set(keys(SCHEMA))
-    assert p.pretrained.source == "train" and p.strategy in ("feature_extract", "finetune", "partial", "scratch")
+    assert p.pretrained.source == "file" and p.strategy in ("feature_extract", "finetune", "partial", "scratch")
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -34,11 +34,19 @@ def test_committed_params_are_valid_and_complete():
     ({"pretrained": {"source": "hub"}}, "pretrained.source: 'hub' is not valid"),
     ({"data": {"source": "cifar"}}, "data.source: 'cifar' is not valid; choose one of: digits, fashion-mnist, imagefolder"),
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "must leave some images for training"),
-    ({"data": {"classes": [4, 5]}}, "overlap on ['Coat']"),
+    ({"data": {"classes": [4, 5]}, "pretrained": {"source": "train"}}, "overlap on ['Coat']"),
     # Spellings differ, classes do not: T-shirt/top is source class 0.
-    ({"data": {"classes": ["Sandal", "Shirt", "T-shirt/top"]}}, "overlap on ['T-shirt/top']"),
-    ({"pretrained": {"train": {"classes": ["Sandal"]}}}, "overlap on ['Sandal']"),
-    ({"data": {"classes": ["Sandal", "Zebra"]}}, "data.classes: 'Zebra' is not a class of this dataset"),
+    ({"data": {"classes": ["Sandal", "Shirt", "T-shirt/top"]}, "pretrained": {"source": "train"}}, "overlap on ['T-shirt/top']"),
+    ({"pretrained": {"source": "train", "train": {"classes": ["Sandal"]}}}, "overlap on ['Sandal']"),
+    ({"data": {"classes": ["Sandal", "Zebra"]}, "pretrained": {"source": "train"}}, "data.classes: 'Zebra' is not a class of this dataset"),
+    ({"backbone": {"arch": "timm/convnext_tnyy"}}, "'convnext_tnyy' is not a timm model; did you mean timm/convnext_tiny"),
+    ({"backbone": {"arch": "convnext_tiny"}}, "or timm/<model name> for any timm model"),
+    ({"pretrained": {"source": "timm"}, "backbone": {"arch": "resnet18"}}, "pretrained.source: timm needs a timm backbone.arch"),
+    ({"pretrained": {"source": "torchvision"}}, "pretrained.source: torchvision has no weights for timm/tf_efficientnet_lite0"),
+    ({"pretrained": {"rename": [["^model\\.", ""], ["(", "x"]]}}, "pretrained.rename: '(' is not a valid regular expression"),
+    ({"pretrained": {"rename": [["only-one"]]}}, "should be a [regex, replacement] pair of strings"),
+    ({"pretrained": {"match": "position"}}, "pretrained.match: 'position' is not valid; choose one of: name, order"),
+    ({"finetune": {"layer_decay": 1.5}}, "finetune.layer_decay: 1.5 is above the maximum 1.0"),
     ({"data": {"test_fraction": 0.0}}, "data.test_fraction: 0.0 is below the minimum 0.01"),
     ({"pretrained": {"train": {"per_class": 1}}}, "pretrained.train.per_class: 1 is below the minimum 2"),
     ({"pretrained": {"source": "url", "url": "file:///x"}}, "pretrained.url and pretrained.sha256: both are required"),
@@ -98,6 +106,7 @@ def test_overlap_is_checked_on_the_folder_classes_of_an_imagefolder(tmp_path):
     root = make_tree(tmp_path / "raw", classes=("ants", "bees", "wasps"), per_class=1)
     raw = defaults()
     raw["data"].update(source="imagefolder", root=str(root), classes=["bees", "wasps"])
+    raw["pretrained"]["source"] = "train"
     raw["pretrained"]["train"]["classes"] = [0, 1]  # ants and bees
     with pytest.raises(ParamsError, match=r"overlap on \['bees'\]"):
         validate(raw)

@@ -173,31 +173,61 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from .safetensors or a torch file (saved on any device) onto the CPU.
+# Where training code nests the weights inside a checkpoint, in the order they are tried.
+STATE_ENTRIES = ("state_dict", "model", "model_state_dict", "module", "net", "network", "ema", "model_ema",
+                 "state_dict_ema", "teacher", "student")
 
-    Accepts a bare state dict or a training checkpoint holding one under `model`/`state_dict`;
-    strips wrapper prefixes; refuses non-tensor values and NaN/Inf.
-    """
+
+def _tensors_only(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj, path: Path, entry: str) -> tuple[dict, str]:
+    """The state dict inside a checkpoint: the whole file when it is one, else `entry` (dotted for
+    nesting, e.g. "ema.module"), else the first of STATE_ENTRIES that holds tensors only."""
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    if entry:
+        node = obj
+        for part in entry.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise WeightsError(f"pretrained.entry: {path} has no entry {entry!r}; its top-level keys: {sorted(obj)[:10]}")
+            node = node[part]
+        if not _tensors_only(node):
+            raise WeightsError(f"pretrained.entry: {entry!r} in {path} is not a state dict of tensors")
+        return node, entry
+    if _tensors_only(obj) or not any(isinstance(v, dict) for v in obj.values()):
+        return obj, ""
+    for key in STATE_ENTRIES:
+        if _tensors_only(obj.get(key)):
+            return obj[key], key
+    raise WeightsError(f"{path}: a checkpoint without a state dict under any of {', '.join(STATE_ENTRIES)}; its "
+                       f"top-level keys: {sorted(obj)[:10]}. Name the one holding the weights in pretrained.entry")
+
+
+def load_weights(path: str | Path, *, entry: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """A state dict from .safetensors or a torch file (saved on any device), on the CPU, and what was
+    done to get it: which nested entry was used and which wrapper prefixes were stripped.
+
+    Refuses non-tensor values and NaN/Inf."""
     path = Path(path)
     if path.suffix == ".safetensors":
         state, _ = load_tensors(path)
+        used = ""
     else:
-        obj = load_checkpoint(path)
-        if isinstance(obj, dict):
-            for key in ("model", "state_dict", "model_state_dict"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, dict):
-            raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
-        state = obj
+        state, used = _unwrap(load_checkpoint(path), path, entry)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightsError(f"{path}: entries that are not tensors: {bad[:5]}; expected a state dict")
+    stripped = sorted({p for k in state for p in KEY_PREFIXES if k.startswith(p)})
     state = strip_prefixes(state)
     check_finite(state, where=str(path))
-    return state
+    return state, {"entry": used, "wrapper_prefixes": stripped}
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """load_weights without the account of what was unwrapped."""
+    return load_weights(path)[0]
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:

@@ -1,8 +1,12 @@
-"""One adapter over torchvision's classification families.
+"""One backbone interface over torchvision's classification families and timm's models.
 
-It knows where each family keeps its classifier (so the backbone is the network up to the
-features that classifier reads), how wide those features are, and how the network divides
-into blocks, in input-to-output order, for freezing the first k.
+For either library it knows where the classifier is (so the backbone is the network up to the
+features that classifier reads), how wide those features are, the normalisation and native input
+size of the weights, and how the network divides into blocks, in input-to-output order, for
+freezing the first k and for layer-wise learning rates. torchvision families are described by a
+small table; timm models describe themselves (num_features, pretrained_cfg, group_matcher), so
+any of timm's models works without a table. An arch is `resnet18` (torchvision) or
+`timm/convnext_tiny` (timm).
 """
 from __future__ import annotations
 
@@ -29,16 +33,40 @@ CLASSIFIER_PATH = {
 }
 
 
+TIMM_PREFIX = "timm/"
+
+
 class ModelError(ValueError):
     """The architecture or its weights do not fit what was asked."""
 
 
+def is_timm(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX)
+
+
+def timm_name(arch: str) -> str:
+    return arch[len(TIMM_PREFIX):]
+
+
 def family(arch: str) -> str:
+    if is_timm(arch):
+        return "timm"
     for prefix in ("mobilenet_v2", "mobilenet_v3", "resnet", "vgg", "densenet", "efficientnet", "vit", "inception"):
         if arch.startswith(prefix):
             return prefix
     raise ModelError(f"backbone.arch: {arch!r} is not supported; choose a resnet, vgg, densenet, inception_v3, "
                      "mobilenet, efficientnet or vit model")
+
+
+def _construct_timm(arch: str, image_size: int) -> nn.Module:
+    import timm  # only for timm archs: its import costs ~2 s more than torchvision's
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name(arch))
+    # Models with a fixed input size (ViTs) are built for data.image_size, their position
+    # embeddings resampled when weights are loaded; CNNs take any size as they are.
+    kwargs = {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+    return timm.create_model(timm_name(arch), pretrained=False, num_classes=0, **kwargs)
 
 
 def _construct(arch: str, image_size: int) -> nn.Module:
@@ -91,7 +119,12 @@ def _deterministic_pools(net: nn.Module) -> None:
 
 
 def build_backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
-    """The torchvision network with its classifier replaced by Identity, and the feature width."""
+    """The network with its classifier removed (torchvision: replaced by Identity; timm: num_classes=0,
+    timm's own way), and the width of the features it outputs."""
+    if is_timm(arch):
+        net = _construct_timm(arch, image_size)
+        _deterministic_pools(net)
+        return net, int(getattr(net, "head_hidden_size", None) or net.num_features)
     net = _construct(arch, image_size)
     _deterministic_pools(net)
     path = CLASSIFIER_PATH[family(arch)]
@@ -147,9 +180,44 @@ def build_classifier(meta: dict) -> Classifier:
     return Classifier(backbone, head)
 
 
+def _timm_blocks(backbone: nn.Module) -> list[list[str]]:
+    """timm's own coarse layer groups (group_matcher), as owner modules of their parameters; a
+    parameter held by the model itself (a ViT's cls_token, pos_embed) stays a parameter name."""
+    from timm.models import group_parameters
+
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    out = []
+    for gid in sorted(groups):
+        names = []
+        for param in groups[gid]:
+            owner = param.rpartition(".")[0] or param
+            if owner not in names:
+                names.append(owner)
+        out.append(names)
+    return out
+
+
+def normalisation(arch: str, backbone: nn.Module | None = None) -> tuple[tuple, tuple]:
+    """Mean and std the weights expect: timm's pretrained_cfg for timm models, ImageNet's otherwise."""
+    if is_timm(arch):
+        cfg = backbone.pretrained_cfg
+        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def native_input(arch: str, backbone: nn.Module) -> dict:
+    """The resolution and resampling the weights were trained at, recorded beside them."""
+    if is_timm(arch):
+        cfg = backbone.pretrained_cfg
+        return dict(native_size=int(cfg.get("input_size", (3, 224, 224))[-1]), interpolation=cfg.get("interpolation"))
+    return dict(native_size=299 if arch == "inception_v3" else 224, interpolation="bilinear")
+
+
 def blocks(backbone: nn.Module, arch: str) -> list[list[str]]:
     """Names (of submodules or parameters of the backbone) per block, input to output."""
     fam = family(arch)
+    if fam == "timm":
+        return _timm_blocks(backbone)
     names = [n for n, _ in backbone.named_children()]
     if fam == "resnet":
         return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
@@ -183,6 +251,24 @@ def blocks(backbone: nn.Module, arch: str) -> list[list[str]]:
     raise AssertionError(fam)
 
 
+def block_parameter_groups(backbone: nn.Module, arch: str) -> list[list[nn.Parameter]]:
+    """The backbone's parameters per block, input to output; any parameter outside every block
+    joins the last one (nearest the head)."""
+    groups, seen = [], set()
+    for block in blocks(backbone, arch):
+        params = []
+        for name in block:
+            try:
+                found = list(backbone.get_submodule(name).parameters())
+            except AttributeError:
+                found = [backbone.get_parameter(name)]
+            params += [q for q in found if id(q) not in seen]
+            seen |= {id(q) for q in found}
+        groups.append(params)
+    groups[-1] += [q for q in backbone.parameters() if id(q) not in seen]
+    return groups
+
+
 def freeze_first_blocks(model: Classifier, arch: str, k: int) -> list[str]:
     """Freeze the first k backbone blocks (weights and BatchNorm statistics); return their names."""
     all_blocks = blocks(model.backbone, arch)
@@ -212,6 +298,36 @@ def count_blocks(arch: str, image_size: int = 224) -> int:
     return len(blocks(backbone, arch))
 
 
+def map_keys(state: dict[str, torch.Tensor], *, strip_prefix: list[str], rename: list[list[str]]) -> tuple[dict, dict]:
+    """Checkpoint keys as another codebase wrote them, mapped to ours: each prefix in strip_prefix removed
+    where it leads a key, then each [regex, replacement] of rename applied in order. Returns the state
+    and what changed (counts per rule, and a sample of renamed keys)."""
+    import re
+
+    rules = {}
+    out = {}
+    samples = {}
+    for key, value in state.items():
+        new = key
+        for prefix in strip_prefix:
+            if new.startswith(prefix):
+                new = new[len(prefix):]
+                rules[f"strip {prefix}"] = rules.get(f"strip {prefix}", 0) + 1
+        for pattern, replacement in rename:
+            changed = re.sub(pattern, replacement, new)
+            if changed != new:
+                rules[f"rename {pattern} -> {replacement}"] = rules.get(f"rename {pattern} -> {replacement}", 0) + 1
+                new = changed
+        if new in out:
+            raise ModelError(f"pretrained.strip_prefix/rename map two checkpoint keys to {new!r}; make the rules more specific")
+        if new != key and len(samples) < 5:
+            samples[key] = new
+        out[new] = value
+    unused = [f"strip {p}" for p in strip_prefix if f"strip {p}" not in rules] + \
+             [f"rename {a} -> {b}" for a, b in rename if f"rename {a} -> {b}" not in rules]
+    return out, {"applied": rules, "unused_rules": unused, "examples": samples}
+
+
 def _strip_common_prefix(state: dict[str, torch.Tensor], own: dict) -> tuple[dict, str]:
     """Keys under one leading name that the backbone lacks (`backbone.` in this pipeline's own exports,
     `model.`, `encoder.`...) are matched without it when that makes more of them fit."""
@@ -228,6 +344,8 @@ def _strip_common_prefix(state: dict[str, torch.Tensor], own: dict) -> tuple[dic
 def _resample_position_embeddings(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str]:
     """A ViT trained at another resolution: its position embeddings are resampled (bicubic) to this
     backbone's patch grid, as torchvision and timm do, instead of failing on the shape."""
+    if "pos_embed" in state and hasattr(backbone, "pos_embed") and hasattr(backbone, "patch_embed"):
+        return _resample_timm_pos_embed(backbone, state)
     from torchvision.models import VisionTransformer
     from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -245,26 +363,68 @@ def _resample_position_embeddings(backbone: nn.Module, state: dict[str, torch.Te
     return {key: f"resampled from {got} to {tuple(new.shape)} for {backbone.image_size} px"}
 
 
-def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *, partial: bool) -> dict:
+def _match_by_order(state: dict[str, torch.Tensor], own: dict) -> tuple[dict, dict, list]:
+    """Tensor i of the checkpoint goes to tensor i of the backbone (the Keras way: same architecture,
+    other names), each verified by shape; the first mismatch stops with both names and shapes.
+    Checkpoint tensors beyond the backbone's (a classifier) are skipped and reported."""
+    names = list(state)
+    loaded, skipped = {}, {}
+    for i, (key, target) in enumerate(own.items()):
+        if i >= len(names):
+            break
+        src = state[names[i]]
+        if tuple(src.shape) != tuple(target.shape):
+            raise ModelError(f"pretrained.match: order: tensor {i} of the checkpoint, {names[i]} {tuple(src.shape)}, does not "
+                             f"fit the backbone's tensor {i}, {key} {tuple(target.shape)}; the checkpoint is another "
+                             "architecture or orders its tensors differently (try pretrained.match: name with "
+                             "pretrained.rename)")
+        loaded[key] = src
+    for name in names[len(own):]:
+        skipped[name] = "beyond the backbone's tensors (matched by order)"
+    missing = list(own)[len(names):]
+    return loaded, skipped, missing
+
+
+def _resample_timm_pos_embed(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    from timm.layers import resample_abs_pos_embed
+
+    got, want = tuple(state["pos_embed"].shape), tuple(backbone.pos_embed.shape)
+    if got == want or len(got) != 3 or got[2] != want[2]:
+        return {}
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 1)
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(backbone.patch_embed.grid_size),
+                                                num_prefix_tokens=prefix)
+    return {"pos_embed": f"resampled from {got} to {tuple(state['pos_embed'].shape)}"}
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *, partial: bool, match: str = "name",
+                          min_fraction: float = 0.0) -> dict:
     """Load weights into the backbone; return a report of loaded / skipped / missing keys.
 
     Full loads (our own or official weights) must match exactly. Partial loads (a network
     trained elsewhere) take only keys present with the same shape, and the report lists every
-    key skipped and why; nothing is skipped silently.
+    key skipped and why; nothing is skipped silently. match="order" pairs tensors by position
+    instead of by name. A load that fills less than `min_fraction` of the backbone's tensors is an
+    error: a checkpoint that mostly does not fit is not a pretrained backbone.
     """
     own = backbone.state_dict()
-    state, prefix = _strip_common_prefix(dict(state), own) if partial else (dict(state), "")
-    resampled = _resample_position_embeddings(backbone, state)
-    loaded, skipped = {}, {}
-    for key, value in state.items():
-        if key not in own:
-            skipped[key] = "not in this backbone"
-        elif tuple(value.shape) != tuple(own[key].shape):
-            skipped[key] = f"shape {tuple(value.shape)} != backbone's {tuple(own[key].shape)}"
-        else:
-            loaded[key] = value
-    missing = sorted(set(own) - set(loaded))
-    report = {"loaded": sorted(loaded), "skipped": skipped, "missing": missing}
+    prefix = ""
+    if match == "order":
+        loaded, skipped, missing = _match_by_order(state, own)
+        resampled = {}
+    else:
+        state, prefix = _strip_common_prefix(dict(state), own) if partial else (dict(state), "")
+        resampled = _resample_position_embeddings(backbone, state)
+        loaded, skipped = {}, {}
+        for key, value in state.items():
+            if key not in own:
+                skipped[key] = "not in this backbone"
+            elif tuple(value.shape) != tuple(own[key].shape):
+                skipped[key] = f"shape {tuple(value.shape)} != backbone's {tuple(own[key].shape)}"
+            else:
+                loaded[key] = value
+        missing = sorted(set(own) - set(loaded))
+    report = {"loaded": sorted(loaded), "skipped": skipped, "missing": missing, "match": match}
     if prefix:
         report["stripped_prefix"] = prefix
     if resampled:
@@ -279,7 +439,14 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], *
     if not loaded:
         raise ModelError(f"no key of the weights file matches this {type(backbone).__name__} backbone in name and "
                          f"shape, even under a common prefix (its keys: {list(state)[:3]}...); it holds another "
-                         "architecture, or a layout whose keys need renaming")
+                         "architecture, or a layout whose keys need pretrained.strip_prefix / pretrained.rename")
+    fraction = len(loaded) / max(len(own), 1)
+    report["loaded_fraction"] = round(fraction, 4)
+    if fraction < min_fraction:
+        raise ModelError(f"only {len(loaded)} of the backbone's {len(own)} tensors ({fraction:.0%}) were loaded, below "
+                         f"pretrained.min_loaded_fraction={min_fraction}; first missing: {missing[:3]}. Map the "
+                         "checkpoint's keys with pretrained.strip_prefix / pretrained.rename, or use pretrained.match: "
+                         "order for the same architecture under other names (details in load_report.json)")
     backbone.load_state_dict(loaded, strict=False)
     return report
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +31,8 @@ class Field:
     min: float | None = None
     max: float | None = None
     nullable: bool = False
-    item: str | None = None  # element kind for lists: int | str | int_or_str | float
+    item: str | None = None  # element kind for lists: int | str | int_or_str | float | pair (of str)
+    allow_empty: bool = False  # lists: [] is a valid value
 
 
 ARCHS = (
@@ -51,7 +53,7 @@ SCHEMA: dict[str, Any] = {
         "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder")),
         "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
         "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
-        "image_size": Field("int", 32, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
+        "image_size": Field("int", 64, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
         "val_fraction": Field("float", 0.1, "stratified validation fraction (one tree, or carved from train/ when there is no val folder)", min=0.0, max=0.9),
         "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources); evaluate needs a test split", min=0.01, max=0.9),
         "train_per_class": Field("int", 5, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
@@ -59,14 +61,19 @@ SCHEMA: dict[str, Any] = {
         "max_rejected_fraction": Field("float", 0.05, "prepare stops when more than this fraction of input files is unreadable", min=0.0, max=1.0),
     },
     "backbone": {
-        "arch": Field("str", "resnet18", "torchvision architecture", choices=ARCHS),
+        "arch": Field("str", "timm/tf_efficientnet_lite0", "a torchvision architecture (resnet18) or timm/<any timm model name> (timm/convnext_tiny)"),
     },
     "pretrained": {
-        "source": Field("str", "train", "where backbone weights come from", choices=("torchvision", "url", "file", "train", "none")),
-        "weights": Field("str", "DEFAULT", "torchvision weights enum member, e.g. IMAGENET1K_V1 (source: torchvision)"),
+        "source": Field("str", "file", "where backbone weights come from", choices=("torchvision", "timm", "url", "file", "train", "none")),
+        "weights": Field("str", "DEFAULT", "torchvision weights enum member (IMAGENET1K_V1), or a timm weights tag (a1_in1k); DEFAULT = the library's default"),
         "url": Field("str", "", "weights URL, file:// included (source: url)"),
         "sha256": Field("str", "", "expected sha256 of the file at url (source: url); required for url"),
-        "path": Field("str", "data/raw/pretrained", "weights file trained elsewhere (source: file)"),
+        "path": Field("str", "data/raw/pretrained/efficientnet-lite0-57934424.pth", "weights file trained elsewhere (source: file)"),
+        "entry": Field("str", "", "file/url: where the state dict sits in a nested checkpoint (state_dict, ema.module...); empty = found automatically"),
+        "strip_prefix": Field("list", [], "file/url: leading key prefixes to remove (model., encoder_q....)", item="str", allow_empty=True),
+        "rename": Field("list", [], "file/url: [regex, replacement] pairs applied to every key, in order", item="pair", allow_empty=True),
+        "match": Field("str", "order", "file/url: pair tensors by name, or by order (same architecture, other key names; each shape verified)", choices=("name", "order")),
+        "min_loaded_fraction": Field("float", 0.5, "file/url: a load filling less than this fraction of the backbone's tensors is an error", min=0.0, max=1.0),
         "train": {
             "classes": Field("list", [0, 1, 2, 3, 4], "source-task classes of data.source (must not overlap data.classes)", item="int_or_str"),
             "per_class": Field("int", 1500, "source-task images per class (10% of them, at least 1, validate)", min=2),
@@ -90,7 +97,8 @@ SCHEMA: dict[str, Any] = {
     "finetune": {
         "epochs": Field("int", 15, "epochs for finetune / partial / scratch", min=1),
         "lr": Field("float", 0.01, "learning rate of the head (and of everything, for scratch)", min=0.0),
-        "backbone_lr_factor": Field("float", 0.1, "backbone lr = lr * this (finetune, partial)", min=0.0, max=1.0),
+        "backbone_lr_factor": Field("float", 0.1, "backbone lr = lr * this (finetune, partial), unless layer_decay is set", min=0.0, max=1.0),
+        "layer_decay": Field("float", None, "layer-wise lr decay: block lr = lr * layer_decay^(depth from the head); null = off", nullable=True, min=0.01, max=1.0),
         "momentum": Field("float", 0.9, "SGD momentum", min=0.0, max=1.0),
         "weight_decay": Field("float", 0.0005, "SGD weight decay", min=0.0),
         "scheduler": Field("str", "cosine", "learning-rate schedule", choices=("step", "cosine", "none")),
@@ -198,6 +206,8 @@ def _type_ok(kind: str, value: Any) -> bool:
         return _type_ok("int", value) or isinstance(value, str)
     if kind == "list":
         return isinstance(value, list)
+    if kind == "pair":
+        return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
     raise AssertionError(kind)
 
 
@@ -215,11 +225,18 @@ def _check(key: str, field: Field, value: Any) -> Any:
     if field.kind == "list":
         for item in value:
             if not _type_ok(field.item, item):
-                raise ParamsError(f"{key}: item {item!r} should be {field.item.replace('_', ' ')}")
-        if len(set(map(str, value))) != len(value):
+                what = "a [regex, replacement] pair of strings" if field.item == "pair" else field.item.replace("_", " ")
+                raise ParamsError(f"{key}: item {item!r} should be {what}")
+        if field.item != "pair" and len(set(map(str, value))) != len(value):
             raise ParamsError(f"{key}: {value!r} lists an entry twice")
-        if not value:
+        if not value and not field.allow_empty:
             raise ParamsError(f"{key}: empty list; give at least one entry or null for all")
+        if field.item == "pair":
+            for pattern, _ in value:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ParamsError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
     if field.min is not None and field.kind in ("int", "float") and value < field.min:
         raise ParamsError(f"{key}: {value!r} is below the minimum {field.min} ({field.doc})")
     if field.max is not None and field.kind in ("int", "float") and value > field.max:
@@ -264,10 +281,34 @@ def _cross_checks(p: Params) -> None:
     if p.pretrained.sha256 and (len(p.pretrained.sha256) != 64
                                 or any(c not in "0123456789abcdef" for c in p.pretrained.sha256.lower())):
         raise ParamsError(f"pretrained.sha256: {p.pretrained.sha256!r} is not a 64-character hex digest")
+    _check_arch(p.backbone.arch)
+    timm_arch = p.backbone.arch.startswith("timm/")
+    if p.pretrained.source == "torchvision" and timm_arch:
+        raise ParamsError(f"pretrained.source: torchvision has no weights for {p.backbone.arch}; use pretrained.source: timm")
+    if p.pretrained.source == "timm" and not timm_arch:
+        raise ParamsError(f"pretrained.source: timm needs a timm backbone.arch (timm/<name>), not {p.backbone.arch!r}; "
+                          "use pretrained.source: torchvision")
     if p.backbone.arch == "inception_v3" and p.data.image_size < 75:
         raise ParamsError(f"data.image_size: {p.data.image_size} is too small for inception_v3 (needs at least 75)")
     if p.backbone.arch.startswith("vit_") and p.data.image_size % int(p.backbone.arch[-2:]) != 0:
         raise ParamsError(f"data.image_size: {p.data.image_size} must be a multiple of the patch size of {p.backbone.arch}")
+
+
+def _check_arch(arch: str) -> None:
+    """A torchvision architecture from ARCHS, or timm/<a model timm knows>; otherwise close matches."""
+    if arch.startswith("timm/"):
+        import timm  # only for timm archs (its import takes seconds)
+
+        name = arch[len("timm/"):]
+        if timm.is_model(name):
+            return
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm/' + c for c in close)}?" if close else "; timm.list_models() lists them"
+        raise ParamsError(f"backbone.arch: {name!r} is not a timm model{hint}")
+    if arch in ARCHS:
+        return
+    raise ParamsError(f"backbone.arch: {arch!r} is not valid; choose one of: {', '.join(ARCHS)}, "
+                      "or timm/<model name> for any timm model")
 
 
 def _check_source_target_disjoint(p: Params) -> None:
