@@ -51,7 +51,7 @@ def test_committed_params_are_valid_and_complete():
     ({"pretrained": {"train": {"per_class": 1}}}, "pretrained.train.per_class: 1 is below the minimum 2"),
     ({"pretrained": {"source": "url", "url": "file:///x"}}, "pretrained.url and pretrained.sha256: both are required"),
     ({"pretrained": {"source": "url", "url": "file:///x", "sha256": "abc"}}, "not a 64-character hex digest"),
-    ({"backbone": {"arch": "inception_v3"}}, "too small for inception_v3"),
+    ({"backbone": {"arch": "inception_v3"}, "data": {"image_size": 64}}, "too small for inception_v3"),
     ({"data": {"classes": [5, 5]}}, "lists an entry twice"),
     ({"finetune": None}, None),
 ])

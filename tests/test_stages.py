@@ -171,7 +171,8 @@ def test_pretrained_from_url_and_from_file(in_tmp, monkeypatch):
     write_params(in_tmp, tiny_params(pretrained={"source": "url", "url": (in_tmp / "a.pth").as_uri(), "sha256": digest}))
     run_stage("pretrain", in_tmp)
     report = read_json(in_tmp / "models/backbone/load_report.json")
-    assert report["counts"] == {"loaded": 120, "skipped": 0, "missing": 0}  # DataParallel prefix stripped, fc dropped
+    assert report["counts"] == {"loaded": 120, "skipped": 2, "missing": 0}  # DataParallel prefix stripped
+    assert report["checkpoint"]["wrapper_prefixes"] == ["module."] and set(report["skipped"]) == {"fc.weight", "fc.bias"}
     # file: model A (a network with another head) into model B
     write_params(in_tmp, tiny_params(pretrained={"source": "file", "path": "a.pth"}))
     run_stage("pretrain", in_tmp)

@@ -53,7 +53,7 @@ SCHEMA: dict[str, Any] = {
         "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder")),
         "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
         "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
-        "image_size": Field("int", 64, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
+        "image_size": Field("int", 128, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
         "val_fraction": Field("float", 0.1, "stratified validation fraction (one tree, or carved from train/ when there is no val folder)", min=0.0, max=0.9),
         "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources); evaluate needs a test split", min=0.01, max=0.9),
         "train_per_class": Field("int", 5, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
