@@ -135,6 +135,9 @@ def test_timm_models_build_freeze_and_run(arch, size, dim, n_blocks):
     frozen = models.freeze_first_blocks(model, arch, 2)
     assert frozen and all(name.startswith("backbone.") for name in frozen)
     model.train()
+    # frozen blocks keep their normalisation statistics: their modules stay in eval mode while the rest trains
+    assert all(not model.get_submodule(n).training for n in frozen)
+    assert model.head.training
     model(torch.randn(2, 3, size, size)).sum().backward()
     groups = models.block_parameter_groups(backbone, arch)
     assert sum(len(g) for g in groups) == len(list(backbone.parameters()))  # every parameter in one block

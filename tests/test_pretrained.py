@@ -163,3 +163,25 @@ def test_timm_source_loads_hub_weights_by_tag_and_says_what_to_do_offline(in_tmp
     write_params(in_tmp, tiny_params(backbone={"arch": "timm/resnet18"}, pretrained={"source": "timm", "weights": "zz_in99k"}))
     r = pretrain()
     assert r.returncode != 0 and "pretrained.weights: 'zz_in99k'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("source", ["train", "none"])
+def test_timm_backbone_through_the_whole_chain(in_tmp, source):
+    """pretrained.source train and none, and partial freezing with layer decay, work for a timm model
+    exactly as for a torchvision one."""
+    from test_stages import STAGES, run_pipeline
+
+    write_params(in_tmp, tiny_params(backbone={"arch": "timm/resnet18"}, strategy="partial",
+                                     pretrained={"source": source, "train": {"epochs": 2}},
+                                     finetune={"epochs": 2, "freeze_blocks": 2, "layer_decay": 0.7}))
+    run_pipeline(in_tmp, STAGES)
+    info = read_json(in_tmp / "models/backbone/backbone.json")
+    assert info["arch"] == "timm/resnet18" and info["num_blocks"] == 5 and info["feature_dim"] == 512
+    backbone, _ = load_tensors(in_tmp / "models/backbone/backbone.safetensors")
+    model, _ = load_tensors(in_tmp / "models/model/model.safetensors")
+    assert torch.equal(model["backbone.conv1.weight"], backbone["conv1.weight"])  # block 0: frozen
+    assert torch.equal(model["backbone.layer1.0.bn1.running_mean"], backbone["layer1.0.bn1.running_mean"])
+    assert not torch.equal(model["backbone.layer4.1.conv2.weight"], backbone["layer4.1.conv2.weight"])
+    lrs = (in_tmp / "metrics/curves/finetune/plots/metrics/lr.tsv").read_text().split()
+    assert float(lrs[3]) == pytest.approx(0.003)  # the head's lr; blocks get 0.003 * 0.7^depth
+    assert read_json(in_tmp / "metrics/convert.json")["fp32_agreement"] == 1.0
