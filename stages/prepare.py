@@ -21,7 +21,7 @@ from transfer.params import load_params
 
 def prepare(*, source: str, root: str, classes: list | None, image_size: int, val_fraction: float,
             test_fraction: float, train_per_class: int | None, eval_per_class: int | None,
-            max_rejected_fraction: float, seed: int, out_dir: Path, metrics_path: Path) -> dict:
+            max_rejected_fraction: float, seed: int, out_dir: Path, metrics_path: Path, workers: int = 1) -> dict:
     """Decode, split and store the dataset; return the counts written to metrics."""
     collected = data.collect(source, root)
     selected = data.resolve_classes(classes, collected.classes, "data.classes")
@@ -41,7 +41,7 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     # Split sizes are checked on the files found, before the (long) decode, and again on what decoded.
     plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), **plan)
 
-    arrays, reasons = data.decode_items(kept, image_size)
+    arrays, reasons = data.decode_items(kept, image_size, workers=workers)
     for item, reason in zip(kept, reasons):
         if reason is not None:
             rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
@@ -170,7 +170,8 @@ def main() -> None:
                          val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction,
                          train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
                          max_rejected_fraction=p.data.max_rejected_fraction, seed=p.seed,
-                         out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json")
+                         out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json",
+                         workers=data.worker_count(p.runtime.workers))
     except DataError as e:
         sys.exit(f"prepare: {e}")
     print(f"prepare: {counts}")

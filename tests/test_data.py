@@ -320,3 +320,36 @@ def test_class_names_match_what_collect_finds(tmp_path):
     assert data.class_names("imagefolder", root) == data.collect("imagefolder", root).classes == ["a", "b"]
     assert data.class_names("fashion-mnist", "anywhere")[0] == "T-shirt/top"
     assert data.class_names("digits", "anywhere") == [str(i) for i in range(10)]
+
+
+def test_parallel_decode_gives_identical_outputs_for_any_worker_count(tmp_path):
+    root = make_tree(tmp_path / "raw", classes=("a", "b", "c"), per_class=100, ext=".jpg")
+    (root / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        counts = run_prepare(root, out, workers=workers)
+        outs[workers] = {p.name: p.read_bytes() for p in sorted((out / "prepared").iterdir())}
+        assert counts["rejected"] == 1 and counts["inputs"] == 301
+    assert outs[1] == outs[2]
+
+
+def test_jpeg_draft_decode_stays_within_what_resizing_changes(tmp_path):
+    """Large JPEGs decode at a reduced DCT scale; the result must differ from a full decode by less
+    than two ordinary resize filters differ from each other."""
+    from PIL import ImageOps
+    from skimage import data as photos
+
+    path = tmp_path / "cat.jpg"
+    Image.fromarray(photos.chelsea()).resize((1000, 750), Image.Resampling.BICUBIC).save(path, quality=90)
+
+    def full(method):
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(ImageOps.fit(img.convert("RGB"), (64, 64), method=method)).astype(int)
+
+    drafted = data.decode_file(path, 64).transpose(1, 2, 0).astype(int)
+    reference = full(Image.Resampling.BILINEAR)
+    filters = np.abs(reference - full(Image.Resampling.BICUBIC)).mean()
+    difference = np.abs(drafted - reference).mean()
+    assert 0 < difference < filters  # draft mode was used, and changed less than a filter choice does

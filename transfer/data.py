@@ -10,6 +10,8 @@ import csv
 import gzip
 import hashlib
 import io as _io
+import multiprocessing
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -89,6 +91,11 @@ def decode_file(path: Path, size: int) -> np.ndarray:
             # Over Pillow's pixel limit is a decompression bomb: refuse it, don't just warn.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if img.format == "JPEG":
+                    # Decode at a reduced DCT scale (1/2, 1/4, 1/8) while the image stays at least twice
+                    # the target size; measured on photos at 64 px: mean |difference| 1.2 of 255 against
+                    # a full decode, less than bilinear vs bicubic resizing differ (1.6), and 2x faster.
+                    img.draft(None, (2 * size, 2 * size))
                 img.load()  # full decode: truncated data fails here (verify() would not notice)
                 img = ImageOps.exif_transpose(img)
                 return _fit(_to_rgb(img), size)
@@ -348,18 +355,34 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, dtype=np.int64) for k, v in out.items()}
 
 
-def decode_items(items: list[Item], size: int) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """Decode each item once; (array or None, rejection reason or None) per item."""
-    arrays, reasons = [], []
-    for item in items:
-        try:
-            arr = decode_array(item.array, size) if item.array is not None else decode_file(item.path, size)
-            arrays.append(arr)
-            reasons.append(None)
-        except BadImage as e:
-            arrays.append(None)
-            reasons.append(str(e))
-    return arrays, reasons
+def _decode_one(job: tuple) -> tuple[np.ndarray | None, str | None]:
+    array, path, size = job
+    try:
+        return (decode_array(array, size) if array is not None else decode_file(path, size)), None
+    except BadImage as e:
+        return None, str(e)
+
+
+def worker_count(workers: int) -> int:
+    """runtime.workers: 0 means every core this process may run on."""
+    return workers or len(os.sched_getaffinity(0))
+
+
+def decode_items(items: list[Item], size: int, workers: int = 1) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Decode each item once, in parallel over `workers` processes; (array or None, rejection reason or
+    None) per item, in input order whatever the worker count, so the outputs are byte-identical."""
+    jobs = [(item.array, item.path, size) for item in items]
+    files = sum(item.array is None for item in items)
+    # Arrays already in memory (IDX, digits) only need a resize: shipping them to workers and back
+    # cost more than it saved (Fashion-MNIST 5-9 at 128 px: 11.1 s inline, 16.9 s with 2 workers).
+    if workers <= 1 or files < 256:
+        results = [_decode_one(job) for job in jobs]
+    else:
+        # fork: workers inherit the imported modules instead of re-importing torch (2 s each); the
+        # parent has run no torch op yet, so no thread pool is copied mid-flight.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_decode_one, jobs, chunksize=max(16, len(jobs) // (workers * 8)))
+    return [a for a, _ in results], [r for _, r in results]
 
 
 def find_leaks(arrays: list[np.ndarray], splits: list[str], refs: list[str]) -> list[list[str]]:
