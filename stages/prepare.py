@@ -107,6 +107,11 @@ def plan_splits(items: list[data.Item], labels: np.ndarray, *, val_fraction: flo
     """Split name per item ("unused" beyond the budget or cap), the kept indices per split, and how
     each split was formed. Every size problem is a DataError naming the key to change."""
     split_of, how = _assign_splits(items, labels, val_fraction, test_fraction, seed, selected, layout)
+    in_train = set(labels[split_of == "train"].tolist())
+    lacking = [name for i, name in enumerate(selected) if i not in in_train]
+    if lacking and len(items):
+        raise DataError(f"classes {lacking} have no readable training images ({how['train']}); add training images of "
+                        "them or leave them out of data.classes")
     rng = np.random.default_rng(seed)
     final: dict[str, np.ndarray] = {}
     for split in paths.SPLITS:

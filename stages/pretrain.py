@@ -77,16 +77,17 @@ def load_task(*, source: str, root: str, classes: list, image_size: int, per_cla
                 got.append(arr)
             except data.BadImage as e:
                 rejected.append(dict(path=item.ref, reason=str(e)))
+        fraction = len(rejected) / max(tried, 1)
+        if fraction > max_rejected_fraction:
+            first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
+            raise DataError(f"{len(rejected)} of {tried} source-task files tried so far ({fraction:.1%}) are unreadable, more "
+                            f"than data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the "
+                            f"limit. First ones: {first}")
         if len(got) < per_class:
+            fix = f"lower it to at most {len(got)}" if len(got) >= 2 else "add images or choose other pretrained.train.classes"
             raise DataError(f"pretrained.train.per_class: {per_class} is more than the {len(got)} readable images of "
-                            f"source class '{name}'; lower it to at most {len(got)}, or add images")
+                            f"source class '{name}'; {fix}")
         chosen.extend((arr, label) for arr in got)
-    fraction = len(rejected) / max(tried, 1)
-    if fraction > max_rejected_fraction:
-        first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
-        raise DataError(f"{len(rejected)} of {tried} source-task files ({fraction:.1%}) are unreadable, more than "
-                        f"data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the limit. "
-                        f"First ones: {first}")
     labels = np.array([lab for _, lab in chosen], dtype=np.int64)
     parts = data.stratified_split(labels, 0.1, 0.0, seed, class_names=names,
                                   fix="raise pretrained.train.per_class to at least 2")
@@ -129,6 +130,9 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
         report = models.load_backbone_weights(backbone, _drop_classifier(state, arch, backbone), partial=False)
     elif src == "timm":
         state, details = fetch_timm(arch=arch, weights=p.pretrained.weights, image_size=image_size)
+        # The weights' own pretrained_cfg: a non-default tag (e.g. .dino) can expect another normalisation.
+        mean, std = details.pop("mean"), details.pop("std")
+        backbone.pretrained_cfg = details.pop("pretrained_cfg")
         report = models.load_backbone_weights(backbone, state, partial=False)
     elif src in ("url", "file"):
         if src == "url":
@@ -177,6 +181,10 @@ def load_foreign(backbone, *, path: Path, arch: str, entry: str, strip_prefix: l
     """A checkpoint from another codebase into the backbone: unwrap the nested entry, map the keys
     (strip_prefix, then rename), match by name or order. Every step is in the report, which is written
     even when the load is refused, so the user can see what did not fit."""
+    if match == "order" and path.suffix == ".safetensors":
+        raise WeightsError(f"pretrained.match: order needs the tensors in the order the model was written, and "
+                           f"{path} is a .safetensors file, which stores them sorted by name; set pretrained.match: name "
+                           "(this pipeline's own exports load by name)")
     state, unwrapped = load_weights(path, entry=entry)
     state, mapping = models.map_keys(state, strip_prefix=strip_prefix, rename=rename)
     try:
@@ -206,7 +214,9 @@ def fetch_timm(*, arch: str, weights: str, image_size: int) -> tuple[dict, dict]
             f"machine with network run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy "
             "the hub cache (~/.cache/huggingface) here, or save the weights to a file and set pretrained.source: file "
             "with pretrained.path") from None
-    return net.state_dict(), dict(weights=net.pretrained_cfg.get("tag") or weights, hf_hub_id=net.pretrained_cfg.get("hf_hub_id"))
+    cfg = dict(net.pretrained_cfg)
+    return net.state_dict(), dict(weights=cfg.get("tag") or weights, hf_hub_id=cfg.get("hf_hub_id"), pretrained_cfg=cfg,
+                                  mean=tuple(cfg.get("mean", models.IMAGENET_MEAN)), std=tuple(cfg.get("std", models.IMAGENET_STD)))
 
 
 def _check_exported_arch(path: Path, arch: str) -> None:

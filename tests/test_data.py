@@ -353,3 +353,22 @@ def test_jpeg_draft_decode_stays_within_what_resizing_changes(tmp_path):
     filters = np.abs(reference - full(Image.Resampling.BICUBIC)).mean()
     difference = np.abs(drafted - reference).mean()
     assert 0 < difference < filters  # draft mode was used, and changed less than a filter choice does
+
+
+def test_a_class_without_readable_training_images_stops_prepare(tmp_path):
+    """Pre-split: every b in train/ is unreadable while val/ and test/ have some; training without b and
+    then scoring it on test would be silently wrong."""
+    root = tmp_path / "raw"
+    make_tree(root / "train", classes=("a",), per_class=6)
+    for i in range(3):
+        (root / "train" / "b").mkdir(parents=True, exist_ok=True)
+        (root / "train" / "b" / f"bad{i}.png").write_bytes(b"")
+    make_tree(root / "val", classes=("a", "b"), per_class=2, seed=1)
+    make_tree(root / "test", classes=("a", "b"), per_class=2, seed=2)
+    with pytest.raises(DataError, match=r"classes \['b'\] have no readable training images \(train/\)"):
+        run_prepare(root, tmp_path / "out", max_rejected_fraction=0.5)
+
+
+def test_a_class_named_twice_is_caught(tmp_path):
+    with pytest.raises(DataError, match=r"names \['T-shirt/top'\] twice"):
+        data.resolve_classes([0, "T-shirt/top"], data.FASHION_MNIST_CLASSES, "data.classes")

@@ -81,7 +81,13 @@ def test_order_matching_loads_another_implementation_and_stops_at_the_first_misf
     shuffled = dict(reversed(list(state.items())))
     with pytest.raises(models.ModelError) as e:
         models.load_backbone_weights(backbone, shuffled, partial=True, match="order")
-    assert "tensor 0 of the checkpoint, _fc.bias (1000,), does not fit the backbone's tensor 0, conv_stem.weight (32, 3, 3, 3)" in str(e.value)
+    assert ("tensor 0 of the checkpoint, _fc.bias (1000,) torch.float32, does not fit the backbone's tensor 0, "
+            "conv_stem.weight (32, 3, 3, 3) torch.float32") in str(e.value)
+    # Shapes alike are not enough: an integer counter never takes a float's place.
+    swapped = dict(state)
+    swapped["_bn0.num_batches_tracked"] = torch.zeros((), dtype=torch.float32)
+    with pytest.raises(models.ModelError, match="_bn0.num_batches_tracked"):
+        models.load_backbone_weights(backbone, swapped, partial=True, match="order")
 
 
 @pytest.mark.parametrize("name, expected", [("chelsea", {281, 282, 285}), ("coffee", {967, 968, 504})])
@@ -185,3 +191,16 @@ def test_timm_backbone_through_the_whole_chain(in_tmp, source):
     lrs = (in_tmp / "metrics/curves/finetune/plots/metrics/lr.tsv").read_text().split()
     assert float(lrs[3]) == pytest.approx(0.003)  # the head's lr; blocks get 0.003 * 0.7^depth
     assert read_json(in_tmp / "metrics/convert.json")["fp32_agreement"] == 1.0
+
+
+def test_order_matching_refuses_safetensors_and_entry_does_not_apply_there(in_tmp):
+    """safetensors stores tensors sorted by name, so `order` would pair the wrong tensors: refused, saying
+    what to set; the pipeline's own export then loads by name."""
+    io.save_tensors(in_tmp / "w.safetensors", {f"backbone.{k}": v for k, v in resnet_state().items()})
+    write_params(in_tmp, tiny_params(pretrained={"source": "file", "path": "w.safetensors", "match": "order"}))
+    assert "stores them sorted by name; set pretrained.match: name" in stage_error("pretrain")
+    write_params(in_tmp, tiny_params(pretrained={"source": "file", "path": "w.safetensors", "entry": "model"}))
+    assert "pretrained.entry: 'model' applies to torch checkpoints" in stage_error("pretrain")
+    write_params(in_tmp, tiny_params(pretrained={"source": "file", "path": "w.safetensors"}))
+    run_stage("pretrain")
+    assert read_json(in_tmp / "models/backbone/load_report.json")["counts"] == {"loaded": 120, "skipped": 0, "missing": 0}

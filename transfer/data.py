@@ -317,6 +317,9 @@ def resolve_classes(requested: list | None, available: list[str], key: str) -> l
         else:
             raise DataError(f"{key}: {c!r} is not a class of this dataset; valid: "
                             f"{', '.join(available)} (or indices 0-{len(available) - 1})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{key}: {requested!r} names {twice} twice (an index and a name of the same class?)")
     return names
 
 

@@ -46,7 +46,16 @@ def _fault_point(point: str, path: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it (os.umask can only be read by setting it, which
+    would briefly give any other thread's new files the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -212,6 +221,9 @@ def load_weights(path: str | Path, *, entry: str = "") -> tuple[dict[str, torch.
     Refuses non-tensor values and NaN/Inf."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        if entry:
+            raise WeightsError(f"pretrained.entry: {entry!r} applies to torch checkpoints; {path} is a .safetensors file, "
+                               "which holds one flat state dict: set pretrained.entry to \"\"")
         state, _ = load_tensors(path)
         used = ""
     else:

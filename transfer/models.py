@@ -373,9 +373,9 @@ def _match_by_order(state: dict[str, torch.Tensor], own: dict) -> tuple[dict, di
         if i >= len(names):
             break
         src = state[names[i]]
-        if tuple(src.shape) != tuple(target.shape):
-            raise ModelError(f"pretrained.match: order: tensor {i} of the checkpoint, {names[i]} {tuple(src.shape)}, does not "
-                             f"fit the backbone's tensor {i}, {key} {tuple(target.shape)}; the checkpoint is another "
+        if tuple(src.shape) != tuple(target.shape) or src.is_floating_point() != target.is_floating_point():
+            raise ModelError(f"pretrained.match: order: tensor {i} of the checkpoint, {names[i]} {tuple(src.shape)} {src.dtype}, "
+                             f"does not fit the backbone's tensor {i}, {key} {tuple(target.shape)} {target.dtype}; the checkpoint is another "
                              "architecture or orders its tensors differently (try pretrained.match: name with "
                              "pretrained.rename)")
         loaded[key] = src
