@@ -39,14 +39,14 @@ def build_data(folder: Path, image_size: int, train_per_class: int, eval_per_cla
     from PIL import Image
 
     from stages.prepare import prepare
-    from transfer.io import load_tensors
+    from transfer import storage
 
     prepare(source=source, root=root, classes=list(classes),
             image_size=image_size, val_fraction=0.1, test_fraction=0.2, train_per_class=train_per_class,
             eval_per_class=eval_per_class, max_rejected_fraction=0.0, seed=0, out_dir=folder / "prepared",
             metrics_path=folder / "prepare.json")
     for split in ("train", "val"):
-        tensors, meta = load_tensors(folder / "prepared" / f"{split}.safetensors")
+        tensors, meta = storage.read_split(folder / "prepared", split)
         for i, (img, label) in enumerate(zip(tensors["images"], tensors["labels"])):
             path = folder / "png" / split / f"{int(label)}_{meta['classes'][label]}".replace("/", "-") / f"{i:05d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,16 +87,15 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
     import torch.nn.functional as F
     from torch import nn
 
-    from transfer import models, training
-    from transfer.io import load_tensors
+    from transfer import models, storage, training
 
     torch.manual_seed(0)
     device = training.pick_device(device_name)
     meta = json.loads((folder / "meta.json").read_text())
     size = meta["image_size"]
     mean, std = models.IMAGENET_MEAN, models.IMAGENET_STD
-    train, _ = load_tensors(folder / "prepared" / "train.safetensors")
-    val, _ = load_tensors(folder / "prepared" / "val.safetensors")
+    train, _ = storage.read_split(folder / "prepared", "train")
+    val, _ = storage.read_split(folder / "prepared", "val")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -209,7 +208,7 @@ def measure(name: str, folder: Path, device_name: str, arch: str, backbone_dir: 
             fmt = training.training_memory_format(device) if amp else torch.contiguous_format
             model.to(memory_format=fmt)
             gen = torch.Generator().manual_seed(0)
-            images = train["images"].to(device) if cuda else train["images"]
+            images = train["images"].to(device)  # resident, as the fp32 ceiling measures compute alone
             labels = train["labels"].to(device)
             model.train()
             for step, idx in enumerate(torch.randperm(len(labels), generator=gen).split(batch)):

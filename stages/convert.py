@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from transfer import models, paths, training
-from transfer.io import load_tensors, read_json, save_tensors, write_json
+from transfer import models, paths, storage, training
+from transfer.io import read_json, save_tensors, write_json
 from transfer.params import load_params
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -38,7 +38,7 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     """Export the model's weights, reload each export on the CPU, and compare test predictions."""
     meta = read_json(model_dir / "model.json")
     reference = models.load_model(model_dir / "model.safetensors", meta)
-    test, _ = load_tensors(paths.split_file(prepared_dir, "test"))
+    test, _ = storage.read_split(prepared_dir, "test")
     images = test["images"][:max_images]
     cpu = torch.device("cpu")
 

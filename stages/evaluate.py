@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from transfer import models, paths, training
-from transfer.io import load_tensors, read_json, write_bytes, write_json, write_text
+from transfer import models, paths, storage, training
+from transfer.io import read_json, write_bytes, write_json, write_text
 from transfer.params import load_params
 
 
@@ -23,7 +23,7 @@ def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_path: Path, predict
              grid_images: int, batch_size: int, device, amp: bool) -> dict:
     meta = read_json(model_dir / "model.json")
     model = models.load_model(model_dir / "model.safetensors", meta)
-    test, _ = load_tensors(paths.split_file(prepared_dir, "test"))
+    test, _ = storage.read_split(prepared_dir, "test")
     logits = training.predict(model, test["images"], mean=meta["mean"], std=meta["std"], batch_size=batch_size,
                               device=device, amp=amp)
     y_true, y_pred = test["labels"].numpy(), logits.argmax(1).numpy()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from transfer import models, paths, training
-from transfer.io import load_tensors, save_tensors, write_json
+from transfer import models, paths, storage, training
+from transfer.io import save_tensors, write_json
 from transfer.params import load_params
 
 
@@ -21,7 +21,7 @@ def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path,
     backbone, info = models.load_backbone(backbone_dir)
     stats = {}
     for split in paths.SPLITS:
-        tensors, meta = load_tensors(paths.split_file(prepared_dir, split))
+        tensors, meta = storage.read_split(prepared_dir, split)
         start = time.perf_counter()
         emb = training.predict(backbone, tensors["images"], mean=info["mean"], std=info["std"],
                                batch_size=batch_size, device=device, amp=amp)

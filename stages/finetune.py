@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from transfer import models, paths, training
+from transfer import models, paths, storage, training
 from transfer.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from transfer.models import ModelError
 from transfer.params import Params, load_params
@@ -76,7 +76,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     device = training.pick_device(p.runtime.device)
     model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
                               freeze_blocks=f.freeze_blocks, seed=p.seed, bn_frozen=f.bn_frozen)
-    val, _ = load_tensors(paths.split_file(prepared_dir, "val"))
+    val, _ = storage.read_split(prepared_dir, "val")
     mean, std = meta["mean"], meta["std"]
     if p.strategy == "feature_extract":
         logits = training.predict(model, val["images"], mean=mean, std=std, batch_size=p.evaluate.batch_size,
@@ -86,7 +86,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     else:
         # The checkpoint is the resume state: without resume it would be ~1 GB of writes per run for nothing.
         fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device) if f.resume else ""
-        train, _ = load_tensors(paths.split_file(prepared_dir, "train"))
+        train, _ = storage.read_split(prepared_dir, "train")
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
             val_labels=val["labels"], param_groups=param_groups(model, strategy=p.strategy, lr=f.lr,
@@ -113,7 +113,8 @@ def _fingerprint(p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Pa
     parts = dict(strategy=p.strategy, finetune={k: v for k, v in p.finetune.items() if k != "resume"}, seed=p.seed,
                  amp=p.runtime.amp, deterministic=p.runtime.deterministic, device=str(device),
                  eval_batch_size=p.evaluate.batch_size,
-                 data={split: sha256_file(paths.split_file(prepared_dir, split)) for split in ("train", "val")},
+                 data={str(f): sha256_file(f) for split in ("train", "val")
+                       for f in (storage.images_file(prepared_dir, split), storage.labels_file(prepared_dir, split))},
                  backbone=sha256_file(backbone_dir / "backbone.safetensors"), head=sha256_file(head_dir / "head.safetensors"))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

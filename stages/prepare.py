@@ -1,6 +1,7 @@
 """prepare: read the dataset once, split it, and store uint8 tensors per split.
 
-Outputs (data/prepared/): {train,val,test}.safetensors (images uint8 (N,3,S,S), labels int64),
+Outputs (data/prepared/): {train,val,test}.images.npy (uint8 (N,3,S,S), read by batch through
+transfer.storage) and {train,val,test}.safetensors (labels int64, classes),
 classes.json, manifest.csv (one row per input: split, the split folder it came from, status,
 reason), report.json (how each split was formed, rejections, leaks, notes); metrics/prepare.json.
 """
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer import data, paths
+from transfer import data, paths, storage
 from transfer.data import DataError
-from transfer.io import save_tensors, write_json
+from transfer.io import write_json
 from transfer.params import load_params
 
 
@@ -71,10 +72,8 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     used = np.flatnonzero(split_of != "unused")
     report["leaks"] = data.find_leaks([good[i][1] for i in used], [split_of[i] for i in used], [good[i][0].ref for i in used])
     for split, idx in final.items():
-        images = data.to_tensor([good[i][1] for i in idx], image_size)
-        save_tensors(paths.split_file(out_dir, split),
-                     {"images": images, "labels": torch.from_numpy(labels[idx])},
-                     meta={"classes": selected, "split": split})
+        storage.write_split(out_dir, split, (good[i][1] for i in idx), count=len(idx), image_size=image_size,
+                            labels=torch.from_numpy(labels[idx]), meta={"classes": selected, "split": split})
     write_json(out_dir / "classes.json", selected)
     data.write_manifest(out_dir / "manifest.csv", sorted(rows, key=lambda r: r["ref"]))
     write_json(out_dir / "report.json", report)

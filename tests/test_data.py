@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import make_tree, write_image
 from stages.prepare import prepare
-from transfer import data
+from transfer import data, storage
 from transfer.data import DataError
 from transfer.io import load_tensors
 
@@ -134,7 +134,7 @@ def test_digits_split_budget_and_manifest(tmp_path):
                          train_per_class=5, eval_per_class=20)
     assert counts == {"inputs": 1797, "rejected": 0, "leaked_groups": 0, "classes": 3, "train_images": 15,
                       "val_images": 60, "test_images": 60}
-    train, meta = load_tensors(tmp_path / "out" / "prepared" / "train.safetensors")
+    train, meta = storage.read_split(tmp_path / "out" / "prepared", "train")
     assert train["images"].dtype == torch.uint8 and train["images"].shape == (15, 3, 16, 16)
     assert torch.bincount(train["labels"]).tolist() == [5, 5, 5] and meta["classes"] == ["5", "6", "7"]
     statuses = [r["status"] for r in manifest(tmp_path / "out")[1]]
@@ -145,7 +145,8 @@ def test_digits_split_budget_and_manifest(tmp_path):
     again = run_prepare("unused", tmp_path / "again", source="digits", classes=[5, "6", 7], image_size=16,
                         train_per_class=5, eval_per_class=20)
     assert again == counts
-    assert (tmp_path / "again/prepared/train.safetensors").read_bytes() == (tmp_path / "out/prepared/train.safetensors").read_bytes()
+    for name in ("train.images.npy", "train.safetensors"):
+        assert (tmp_path / "again/prepared" / name).read_bytes() == (tmp_path / "out/prepared" / name).read_bytes()
 
 
 def test_budget_larger_than_data_and_unknown_class(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
-PREPARED = Path("data/prepared")  # {split}.safetensors, classes.json, manifest.csv, report.json
+PREPARED = Path("data/prepared")  # {split}.images.npy + {split}.safetensors (transfer.storage), classes.json, manifest.csv, report.json
 EMBEDDINGS = Path("data/embeddings")  # {split}.safetensors
 
 BACKBONE_DIR = Path("models/backbone")  # backbone.safetensors, backbone.json, load_report.json

@@ -1,0 +1,117 @@
+"""Prepared splits on disk, read a batch at a time.
+
+A split is `{split}.images.npy` (uint8 (N, 3, S, S), a plain .npy file) beside `{split}.safetensors`
+(labels and metadata). Images are written as a stream and read by row with positioned file reads,
+never loaded whole: a stage's memory holds the batch it works on, whatever N is. Every reader of
+prepared data (extract, finetune, evaluate, convert, the benchmark) goes through this module.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from transfer.io import atomic_open, load_tensors, save_tensors
+
+
+def images_file(folder: Path, split: str) -> Path:
+    return Path(folder) / f"{split}.images.npy"
+
+
+def labels_file(folder: Path, split: str) -> Path:
+    return Path(folder) / f"{split}.safetensors"
+
+
+def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: int, image_size: int,
+                labels: torch.Tensor, meta: dict) -> None:
+    """Stream `count` uint8 (3, S, S) images into the split's .npy file (atomically), then its labels."""
+    shape = (count, 3, image_size, image_size)
+    with atomic_open(images_file(folder, split), "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        written = 0
+        for image in images:
+            if image.shape != shape[1:] or image.dtype != np.uint8:
+                raise ValueError(f"image {written} of {split} is {image.dtype} {image.shape}, expected uint8 {shape[1:]}")
+            f.write(np.ascontiguousarray(image).tobytes())
+            written += 1
+        if written != count:
+            raise ValueError(f"{split}: {written} images written, {count} announced")
+    save_tensors(labels_file(folder, split), {"labels": labels}, meta=meta)
+
+
+class Images:
+    """The images of one split, indexed like a uint8 tensor (len, shape, slices, index tensors), each
+    access reading just those rows from the file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self._offset = f.tell()
+        if dtype != np.uint8 or fortran or len(shape) != 4:
+            raise ValueError(f"{self.path}: expected uint8 (N, 3, S, S) images, found {dtype} {shape}")
+        self.shape = torch.Size(shape)
+        self.dtype = torch.uint8
+        self._row = int(np.prod(shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        n = max(0, stop - start)
+        buf = bytearray(n * self._row)
+        if n:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                view, pos = memoryview(buf), self._offset + start * self._row
+                while view:
+                    got = os.preadv(fd, [view], pos)
+                    if got == 0:
+                        raise EOFError(f"{self.path}: truncated; re-run prepare")
+                    view, pos = view[got:], pos + got
+            finally:
+                os.close(fd)
+        return np.frombuffer(buf, dtype=np.uint8).reshape(n, *self.shape[1:])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            rows = self._read(start, stop)[::step] if step > 0 else self[torch.arange(start, stop, step)]
+            return torch.from_numpy(np.ascontiguousarray(rows)) if step != 1 else torch.from_numpy(rows)
+        idx = torch.as_tensor(key).reshape(-1).long()
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
+        # Sorted, runs of consecutive rows are read with one call each (a shuffled batch is mostly single rows).
+        order = torch.argsort(idx).tolist()
+        sorted_idx = idx[order].tolist()
+        i = 0
+        while i < len(sorted_idx):
+            j = i
+            while j + 1 < len(sorted_idx) and sorted_idx[j + 1] == sorted_idx[j] + 1:
+                j += 1
+            out[order[i:j + 1]] = self._read(sorted_idx[i], sorted_idx[j] + 1)
+            i = j + 1
+        return torch.from_numpy(out)
+
+    def __iter__(self):
+        for start in range(0, len(self), 256):
+            yield from self[start:start + 256]
+
+    def to(self, device) -> torch.Tensor:
+        """The whole split as one tensor on `device` (for code that wants it resident, e.g. on a GPU)."""
+        return self[:].to(device)
+
+
+def read_split(folder: Path, split: str) -> tuple[dict, dict]:
+    """({"images": Images, "labels": int64 tensor}, meta) of a prepared split."""
+    tensors, meta = load_tensors(labels_file(folder, split))
+    images = Images(images_file(folder, split))
+    if len(images) != len(tensors["labels"]):
+        raise ValueError(f"{folder}/{split}: {len(images)} images but {len(tensors['labels'])} labels; re-run prepare")
+    return {"images": images, "labels": tensors["labels"]}, meta
