@@ -17,28 +17,47 @@ from transfer.params import load_params
 
 def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path, batch_size: int,
                        device: torch.device, amp: bool) -> dict:
-    """Run the frozen backbone (eval mode, inference_mode, batched) over each split; store the embeddings."""
+    """Run the frozen backbone (eval mode, inference_mode, batched) over each split; store the embeddings.
+    Under torchrun each rank embeds its contiguous share of every split and rank 0 writes them all."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     backbone, info = models.load_backbone(backbone_dir)
     stats = {}
     for split in paths.SPLITS:
         tensors, meta = storage.read_split(prepared_dir, split)
+        images = tensors["images"]
+        bounds = [len(images) * r // world for r in range(world + 1)]
         start = time.perf_counter()
-        emb = training.predict(backbone, tensors["images"], mean=info["mean"], std=info["std"],
+        emb = training.predict(backbone, images.rows(bounds[rank], bounds[rank + 1]), mean=info["mean"], std=info["std"],
                                batch_size=batch_size, device=device, amp=amp)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, emb)
+            emb = torch.cat(parts)
         seconds = time.perf_counter() - start
-        # float16 halves the cache; the head trains in float32 from it.
-        save_tensors(paths.split_file(out_dir, split), {"embeddings": emb.half(), "labels": tensors["labels"]},
-                     meta={"classes": meta["classes"], "arch": info["arch"], "backbone_sha256": info["sha256"]})
+        if rank == 0:
+            # float16 halves the cache; the head trains in float32 from it.
+            save_tensors(paths.split_file(out_dir, split), {"embeddings": emb.half(), "labels": tensors["labels"]},
+                         meta={"classes": meta["classes"], "arch": info["arch"], "backbone_sha256": info["sha256"]})
         stats[split] = dict(images=len(emb), seconds=round(seconds, 3),
                             images_per_second=round(len(emb) / seconds, 1) if seconds > 0 else None)
-    return dict(device=str(device), feature_dim=info["feature_dim"], splits=stats)
+    return dict(device=str(device), feature_dim=info["feature_dim"], processes=world, splits=stats)
 
 
 def main() -> None:
     p = load_params()
+    training.launch(p.runtime.nproc, "stages.extract")
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
-    stats = extract_embeddings(backbone_dir=paths.BACKBONE_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EMBEDDINGS,
-                               batch_size=p.extract.batch_size, device=training.pick_device(p.runtime.device), amp=p.runtime.amp)
+    rank, _ = training.init_distributed()
+    try:
+        stats = extract_embeddings(backbone_dir=paths.BACKBONE_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EMBEDDINGS,
+                                   batch_size=p.extract.batch_size, device=training.pick_device(p.runtime.device),
+                                   amp=p.runtime.amp)
+    finally:
+        training.finish_distributed()
+    if rank:
+        return
     # Timings vary run to run: inside data/embeddings they would change the hash of an output that
     # train_head depends on, and DVC would re-run everything downstream of identical embeddings.
     write_json(paths.LOGS / "extract_timing.json", stats)

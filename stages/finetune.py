@@ -70,7 +70,7 @@ def param_groups(model: models.Classifier, *, strategy: str, lr: float, backbone
 
 
 def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Path, out_dir: Path,
-                 checkpoint: Path, metrics_path: Path, curves_dir: Path) -> dict:
+                 checkpoint: Path, metrics_path: Path, curves_dir: Path, rank: int = 0) -> dict:
     """Build the model for p.strategy, train it if the strategy trains, keep the best-val weights."""
     f = p.finetune
     device = training.pick_device(p.runtime.device)
@@ -97,13 +97,14 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
             eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
             fingerprint=fingerprint)
-    save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
-    write_json(out_dir / "model.json", meta)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
     metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"],
                    trainable_params=trainable, total_params=sum(q.numel() for q in model.parameters()))
-    write_json(metrics_path, metrics)
-    training.write_curves(curves_dir, history)
+    if rank == 0:  # under torchrun every rank holds the same weights; one writes them
+        save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
+        write_json(out_dir / "model.json", meta)
+        write_json(metrics_path, metrics)
+        training.write_curves(curves_dir, history)
     return metrics
 
 
@@ -121,14 +122,20 @@ def _fingerprint(p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Pa
 
 def main() -> None:
     p = load_params()
+    training.launch(p.runtime.nproc, "stages.finetune")
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    rank, _ = training.init_distributed()
     try:
         metrics = run_finetune(p=p, prepared_dir=paths.PREPARED, backbone_dir=paths.BACKBONE_DIR, head_dir=paths.HEAD_DIR,
                                out_dir=paths.MODEL_DIR, checkpoint=paths.CHECKPOINTS / "finetune.pt",
-                               metrics_path=paths.METRICS / "finetune.json", curves_dir=paths.METRICS / "curves" / "finetune")
+                               metrics_path=paths.METRICS / "finetune.json", curves_dir=paths.METRICS / "curves" / "finetune",
+                               rank=rank)
     except ModelError as e:
         sys.exit(f"finetune: {e}")
-    print(f"finetune: {metrics}")
+    finally:
+        training.finish_distributed()
+    if rank == 0:
+        print(f"finetune: {metrics}")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def train_on_source_task(*, arch: str, image_size: int, task: dict, epochs: int,
                        best_epoch=best_epoch, epochs=epochs, train_images=len(task["train"][1]))
 
 
-def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
+def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0) -> dict:
     """Produce the backbone weights named by p.pretrained; write them and their description."""
     arch, image_size, src = p.backbone.arch, p.data.image_size, p.pretrained.source
     device = training.pick_device(p.runtime.device)
@@ -158,8 +158,11 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path) -> dict:
         report = models.load_backbone_weights(backbone, state, partial=False)
         details = dict(dataset=p.data.source, classes=task["classes"])
         metrics.update(source_files_tried=task["tried"], source_rejected=len(task["rejected"]))
-        write_json(out_dir / "source_task_report.json", dict(rejected=task["rejected"], tried=task["tried"]))
+        if rank == 0:
+            write_json(out_dir / "source_task_report.json", dict(rejected=task["rejected"], tried=task["tried"]))
     # src == "none": the random initialisation of build_backbone (seeded by configure_runtime)
+    if rank != 0:  # under torchrun every rank holds the same weights; rank 0 writes them
+        return {}
     weights_file = out_dir / "backbone.safetensors"
     save_tensors(weights_file, backbone.state_dict(), meta={"arch": arch, "image_size": image_size})
     info = dict(arch=arch, source=src, feature_dim=dim, image_size=image_size, mean=list(mean), std=list(std),
@@ -241,12 +244,17 @@ def _drop_classifier(state: dict, arch: str, backbone) -> dict:
 
 def main() -> None:
     p = load_params()
+    training.launch(p.runtime.nproc, "stages.pretrain")
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
+    rank, _ = training.init_distributed()
     try:
-        info = pretrain(p=p, out_dir=paths.BACKBONE_DIR, metrics_path=paths.METRICS / "pretrain.json")
+        info = pretrain(p=p, out_dir=paths.BACKBONE_DIR, metrics_path=paths.METRICS / "pretrain.json", rank=rank)
     except (WeightsError, ModelError, DataError, ParamsError) as e:
         sys.exit(f"pretrain: {e}")
-    print(f"pretrain: {info['arch']} from {info['source']}, feature dim {info['feature_dim']}")
+    finally:
+        training.finish_distributed()
+    if rank == 0:
+        print(f"pretrain: {info['arch']} from {info['source']}, feature dim {info['feature_dim']}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ SCHEMA: dict[str, Any] = {
     "runtime": {
         "device": Field("str", "auto", "compute device", choices=("auto", "cpu", "cuda")),
         "threads": Field("int", 0, "CPU threads for torch; 0 = torch's default", min=0),
+        "nproc": Field("int", 1, "data-parallel processes (torchrun) for pretrain, extract and finetune; one GPU each on GPUs", min=1),
         "workers": Field("int", 0, "processes that decode images in prepare; 0 = all cores (outputs are identical for any count)", min=0),
         "deterministic": Field("bool", False, "deterministic algorithms (slower on GPU; CPU runs are deterministic anyway)"),
         "amp": Field("bool", True, "bfloat16 autocast on CUDA; on CPUs with native bf16 (AVX512-BF16/AMX) for inference only"),

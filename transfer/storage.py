@@ -103,6 +103,15 @@ class Images:
         for start in range(0, len(self), 256):
             yield from self[start:start + 256]
 
+    def rows(self, start: int, stop: int) -> "Images":
+        """Rows [start, stop) as another Images, still read lazily (a rank's share of a split)."""
+        view = object.__new__(Images)
+        view.path, view.dtype, view._row = self.path, self.dtype, self._row
+        start, stop = max(0, min(start, len(self))), max(0, min(stop, len(self)))
+        view._offset = self._offset + start * self._row
+        view.shape = torch.Size((max(0, stop - start), *self.shape[1:]))
+        return view
+
     def to(self, device) -> torch.Tensor:
         """The whole split as one tensor on `device` (for code that wants it resident, e.g. on a GPU)."""
         return self[:].to(device)

@@ -25,7 +25,42 @@ def pick_device(name: str) -> torch.device:
         raise RuntimeError("runtime.device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def launch(nproc: int, module: str) -> None:
+    """runtime.nproc > 1 outside torchrun: run this stage as nproc local torchrun processes instead,
+    and exit with their status. Under torchrun (WORLD_SIZE set, e.g. a multi-node launch) it returns."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+        import sys
+
+        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={nproc}", "-m", module]))
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun with more than one process, joins the process group:
+    NCCL on GPUs, gloo on CPUs. A plain `python -m stages.x` is rank 0 of 1."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return (dist.get_rank() if dist.is_initialized() else 0), world
+
+
+def finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def configure_runtime(*, threads: int, deterministic: bool, seed: int | None = None) -> None:
@@ -195,8 +230,18 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
     matches these settings is continued, so a killed run ends exactly as an uninterrupted one.
     """
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     fmt = training_memory_format(device)
     model.to(device, memory_format=fmt)
+    net = model
+    if world > 1:
+        # Data parallel: every rank draws the same global batch and augmentation (same generator),
+        # trains on its own slice, and DDP averages the gradients, so N processes take the steps one
+        # process would take on the whole batch.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log = log if rank == 0 else (lambda _: None)
     optimizer = torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
     sched = make_scheduler(optimizer, kind=scheduler, epochs=epochs, step_size=step_size, gamma=gamma)
     gen = torch.Generator().manual_seed(seed)
@@ -227,19 +272,27 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             batch = train_images[idx].to(device, non_blocking=True)
             if augment_pad or augment_hflip:
                 batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
-            x = to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
             y = train_labels_dev[idx.to(device)]
+            if world > 1:
+                mine = torch.tensor_split(torch.arange(len(idx)), world)[rank].to(device)
+                batch, y = batch[mine], y[mine]
+            x = to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
             with autocast(device, amp, training=True):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
-            total += len(idx)
+            total += len(y)
+        if world > 1:
+            sums = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            loss_sum, correct, total = float(sums[0]), int(sums[1]), int(sums[2])
         lr = optimizer.param_groups[-1]["lr"]
         sched.step()
+        # Every rank validates the whole split (the same numbers everywhere, so every rank keeps the same best epoch).
         val_logits = predict(model, val_images, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
         val_acc = accuracy(val_logits, val_labels)
         val_loss = float(F.cross_entropy(val_logits, val_labels)) if len(val_labels) else float("nan")
@@ -250,7 +303,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         if score > best_acc:
             best_acc, best_epoch = score, epoch
             best_state = _snapshot(model)
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
                 generator=gen.get_state(), torch_rng=torch.get_rng_state(), history=history, best_acc=best_acc,
