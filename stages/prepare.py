@@ -42,38 +42,44 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     # Split sizes are checked on the files found, before the (long) decode, and again on what decoded.
     plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), **plan)
 
-    arrays, reasons = data.decode_items(kept, image_size, workers=workers)
-    for item, reason in zip(kept, reasons):
-        if reason is not None:
-            rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
-    rejected_all = [dict(path=r["ref"], reason=r["reason"]) for r in rows if r["status"] == "rejected"]
-    n_rejected = len(rejected_all)
-    # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
-    n_inputs = sum(r is None for r in reasons) + n_rejected
-    report = dict(rejected=rejected_all, notes=collected.notes, classes=selected)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_rejections(n_rejected=n_rejected, n_inputs=n_inputs, max_rejected_fraction=max_rejected_fraction,
-                     rejected=rejected_all, report=report, report_path=out_dir / "report.json")
+    # Decoded pixels go to a scratch file, not a list: memory stays flat however many images there are.
+    with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size)) as spool:
+        good, digests = [], []
+        for item, (arr, reason) in zip(kept, data.decode_stream(kept, image_size, workers)):
+            if reason is not None:
+                rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
+                continue
+            spool.append(arr)
+            good.append(item)
+            digests.append(data.image_digest(arr))
+        rejected_all = [dict(path=r["ref"], reason=r["reason"]) for r in rows if r["status"] == "rejected"]
+        n_rejected = len(rejected_all)
+        # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
+        n_inputs = len(good) + n_rejected
+        report = dict(rejected=rejected_all, notes=collected.notes, classes=selected)
+        check_rejections(n_rejected=n_rejected, n_inputs=n_inputs, max_rejected_fraction=max_rejected_fraction,
+                         rejected=rejected_all, report=report, report_path=out_dir / "report.json")
 
-    good = [(item, arr) for item, arr in zip(kept, arrays) if arr is not None]
-    labels = np.array([label_of[item.label] for item, _ in good], dtype=np.int64)
-    missing = [name for i, name in enumerate(selected) if i not in set(labels.tolist())]
-    if missing:
-        raise DataError(f"classes {missing} have no readable images; remove them from data.classes or add images")
-    split_of, final, how = plan_splits([item for item, _ in good], labels, **plan)
-    report["splits"] = how
+        labels = np.array([label_of[item.label] for item in good], dtype=np.int64)
+        missing = [name for i, name in enumerate(selected) if i not in set(labels.tolist())]
+        if missing:
+            raise DataError(f"classes {missing} have no readable images; remove them from data.classes or add images")
+        split_of, final, how = plan_splits(good, labels, **plan)
+        report["splits"] = how
 
-    for (item, _), split in zip(good, split_of):
-        status = "unused" if split == "unused" else "used"
-        reason = "over the labelled budget or evaluation cap" if status == "unused" else ""
-        rows.append(dict(ref=item.ref, label=item.label, split="" if status == "unused" else split,
-                         origin=item.origin, status=status, reason=reason))
+        for item, split in zip(good, split_of):
+            status = "unused" if split == "unused" else "used"
+            reason = "over the labelled budget or evaluation cap" if status == "unused" else ""
+            rows.append(dict(ref=item.ref, label=item.label, split="" if status == "unused" else split,
+                             origin=item.origin, status=status, reason=reason))
 
-    used = np.flatnonzero(split_of != "unused")
-    report["leaks"] = data.find_leaks([good[i][1] for i in used], [split_of[i] for i in used], [good[i][0].ref for i in used])
-    for split, idx in final.items():
-        storage.write_split(out_dir, split, (good[i][1] for i in idx), count=len(idx), image_size=image_size,
-                            labels=torch.from_numpy(labels[idx]), meta={"classes": selected, "split": split})
+        used = np.flatnonzero(split_of != "unused")
+        report["leaks"] = data.find_leaks([digests[i] for i in used], [split_of[i] for i in used], [good[i].ref for i in used])
+        pixels = spool.rows()
+        for split, idx in final.items():
+            storage.write_split(out_dir, split, storage.gather_rows(pixels, idx), count=len(idx), image_size=image_size,
+                                labels=torch.from_numpy(labels[idx]), meta={"classes": selected, "split": split})
     write_json(out_dir / "classes.json", selected)
     data.write_manifest(out_dir / "manifest.csv", sorted(rows, key=lambda r: r["ref"]))
     write_json(out_dir / "report.json", report)

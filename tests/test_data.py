@@ -292,7 +292,7 @@ def test_small_classes_split_per_class_or_name_the_key(tmp_path):
 
 def test_split_sizes_are_checked_before_decoding(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "raw", classes=("a", "b"), per_class=2)
-    monkeypatch.setattr(data, "decode_items", lambda *a, **k: pytest.fail("decoded before the sizes were checked"))
+    monkeypatch.setattr(data, "decode_stream", lambda *a, **k: pytest.fail("decoded before the sizes were checked"))
     with pytest.raises(DataError, match="too few"):
         run_prepare(root, tmp_path / "out")
 

@@ -66,3 +66,33 @@ def test_each_stage_declares_exactly_the_params_it_reads(in_tmp, monkeypatch):
         if unread:
             problems.append(f"{name} declares {sorted(unread)} but never reads them")
     assert not problems, "\n".join(problems)
+
+
+def _module_imports(path) -> set[str]:
+    """transfer/stages modules a module imports at its top level (what runs whenever it runs)."""
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("transfer", "stages"):
+            if node.module in ("transfer", "stages"):
+                found |= {f"{node.module}/{alias.name}.py" for alias in node.names}
+            else:
+                found.add(node.module.replace(".", "/") + ".py")
+        elif isinstance(node, ast.Import):
+            found |= {a.name.replace(".", "/") + ".py" for a in node.names if a.name.split(".")[0] in ("transfer", "stages")}
+    return {f for f in found if (ROOT / f).is_file()}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_declares_the_code_it_imports(stage):
+    """dvc.yaml's deps list every project module a stage imports, directly or through another module,
+    so a code change re-runs the stages it can affect (transfer/storage.py was once missing)."""
+    todo, code = [f"stages/{stage}.py"], set()
+    while todo:
+        module = todo.pop()
+        if module not in code:
+            code.add(module)
+            todo += sorted(_module_imports(ROOT / module))
+    deps = {d for d in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"] if d.endswith(".py")}
+    assert code == deps, f"imported but not declared: {sorted(code - deps)}; declared but not imported: {sorted(deps - code)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +23,12 @@ def images_file(folder: Path, split: str) -> Path:
 
 def labels_file(folder: Path, split: str) -> Path:
     return Path(folder) / f"{split}.safetensors"
+
+
+def gather_rows(images: "Images", idx: np.ndarray, chunk: int = 256) -> Iterator[np.ndarray]:
+    """Rows idx of images, one at a time, read `chunk` rows per call."""
+    for start in range(0, len(idx), chunk):
+        yield from images[torch.from_numpy(np.asarray(idx[start:start + chunk]))].numpy()
 
 
 def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: int, image_size: int,
@@ -42,9 +48,46 @@ def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: i
     save_tensors(labels_file(folder, split), {"labels": labels}, meta=meta)
 
 
+class Spool:
+    """A scratch file of raw uint8 rows appended as they are decoded, read back through Images: prepare
+    decodes each image once into it, then copies the rows each split keeps, so its memory does not grow
+    with the dataset. The file is removed on exit, also when prepare fails."""
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...]):
+        self.path, self.row_shape, self.count = Path(path), tuple(row_shape), 0
+
+    def __enter__(self) -> "Spool":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")
+        return self
+
+    def append(self, row: np.ndarray) -> None:
+        if row.shape != self.row_shape or row.dtype != np.uint8:
+            raise ValueError(f"row {self.count} is {row.dtype} {row.shape}, expected uint8 {self.row_shape}")
+        self._file.write(np.ascontiguousarray(row).tobytes())
+        self.count += 1
+
+    def rows(self) -> "Images":
+        self._file.flush()
+        return Images.raw(self.path, self.count, self.row_shape)
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
 class Images:
     """The images of one split, indexed like a uint8 tensor (len, shape, slices, index tensors), each
     access reading just those rows from the file."""
+
+    @classmethod
+    def raw(cls, path: Path, count: int, row_shape: tuple[int, ...]) -> "Images":
+        """Rows of a headerless file (a Spool)."""
+        view = object.__new__(cls)
+        view.path, view.dtype, view._offset = Path(path), torch.uint8, 0
+        view.shape = torch.Size((count, *row_shape))
+        view._row = int(np.prod(row_shape))
+        return view
 
     def __init__(self, path: Path):
         self.path = Path(path)
