@@ -27,3 +27,19 @@ def test_every_measurement_runs_on_tiny_data(tmp_path):
     assert results["finetune_fp32"]["images"] == results["finetune_project"]["images"] == 100 - 32
     assert results["extract_ceiling"]["images"] >= 100
     assert all(r["seconds"] > 0 for r in results.values())
+
+
+def test_scale_benchmark_runs_on_tiny_data(tmp_path):
+    """benchmarks/scale.py end to end on 40 generated photos at 32 px (its numbers come from
+    `python -m benchmarks.scale`, never from here)."""
+    from benchmarks import scale
+
+    scale.make_photos(tmp_path / "photos", 40)
+    assert len(list((tmp_path / "photos").rglob("*.jpg"))) == 40
+    from PIL import Image
+    with Image.open(next((tmp_path / "photos").rglob("*.jpg"))) as img:
+        assert img.size == (500, 375) and img.format == "JPEG"
+    result = scale.measure(tmp_path, 40, 32, "mobilenet_v3_small")
+    assert result["tutorial_decode"]["images"] == 40
+    assert set(result["stages"]) == set(scale.STAGES) and all(s["peak_rss_mb"] > 0 for s in result["stages"].values())
+    assert result["decode_speedup"] > 0
