@@ -21,7 +21,7 @@ def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path,
     Under torchrun each rank embeds its contiguous share of every split and rank 0 writes them all."""
     import torch.distributed as dist
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = training.rank_and_world()
     backbone, info = models.load_backbone(backbone_dir)
     stats = {}
     for split in paths.SPLITS:

@@ -58,8 +58,12 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
         # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
         n_inputs = len(good) + n_rejected
         report = dict(rejected=rejected_all, notes=collected.notes, classes=selected)
-        check_rejections(n_rejected=n_rejected, n_inputs=n_inputs, max_rejected_fraction=max_rejected_fraction,
-                         rejected=rejected_all, report=report, report_path=out_dir / "report.json")
+        try:
+            data.check_rejected_fraction(rejected=rejected_all, inputs=n_inputs, max_fraction=max_rejected_fraction,
+                                         what="input files", report_path=out_dir / "report.json")
+        except DataError:
+            write_json(out_dir / "report.json", report)
+            raise
 
         labels = np.array([label_of[item.label] for item in good], dtype=np.int64)
         missing = [name for i, name in enumerate(selected) if i not in set(labels.tolist())]
@@ -92,18 +96,6 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     }
     write_json(metrics_path, counts)
     return counts
-
-
-def check_rejections(*, n_rejected: int, n_inputs: int, max_rejected_fraction: float, rejected: list[dict],
-                     report: dict, report_path: Path) -> None:
-    """Stop, with the report written, when more than the allowed fraction of inputs is unreadable."""
-    fraction = n_rejected / max(n_inputs, 1)
-    if fraction > max_rejected_fraction:
-        write_json(report_path, report)
-        listing = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
-        raise DataError(f"{n_rejected} of {n_inputs} input files ({fraction:.1%}) are unreadable, more than "
-                        f"data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the limit. "
-                        f"Full list in {report_path}; first ones: {listing}")
 
 
 def plan_splits(items: list[data.Item], labels: np.ndarray, *, val_fraction: float, test_fraction: float,

@@ -71,18 +71,13 @@ def load_task(*, source: str, root: str, classes: list, image_size: int, per_cla
                 break
             item = pool[k]
             tried += 1
-            try:
-                arr = (data.decode_array(item.array, image_size) if item.array is not None
-                       else data.decode_file(item.path, image_size))
+            arr, reason = data.decode_item(item.array, item.path, image_size)
+            if reason is None:
                 got.append(arr)
-            except data.BadImage as e:
-                rejected.append(dict(path=item.ref, reason=str(e)))
-        fraction = len(rejected) / max(tried, 1)
-        if fraction > max_rejected_fraction:
-            first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
-            raise DataError(f"{len(rejected)} of {tried} source-task files tried so far ({fraction:.1%}) are unreadable, more "
-                            f"than data.max_rejected_fraction={max_rejected_fraction}. Fix or remove them, or raise the "
-                            f"limit. First ones: {first}")
+            else:
+                rejected.append(dict(path=item.ref, reason=reason))
+        data.check_rejected_fraction(rejected=rejected, inputs=tried, max_fraction=max_rejected_fraction,
+                                     what="source-task files tried so far")
         if len(got) < per_class:
             fix = f"lower it to at most {len(got)}" if len(got) >= 2 else "add images or choose other pretrained.train.classes"
             raise DataError(f"pretrained.train.per_class: {per_class} is more than the {len(got)} readable images of "
@@ -203,7 +198,7 @@ def fetch_timm(*, arch: str, weights: str, image_size: int) -> tuple[dict, dict]
     import timm
 
     name = models.timm_name(arch) + ("" if weights == "DEFAULT" else f".{weights}")
-    kwargs = {"img_size": image_size} if timm.models.get_pretrained_cfg(models.timm_name(arch)).fixed_input_size else {}
+    kwargs = models.timm_size_kwargs(arch, image_size)
     try:
         net = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except RuntimeError as e:

@@ -359,12 +359,16 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, dtype=np.int64) for k, v in out.items()}
 
 
-def _decode_one(job: tuple) -> tuple[np.ndarray | None, str | None]:
-    array, path, size = job
+def decode_item(array: np.ndarray | None, path: Path | None, size: int) -> tuple[np.ndarray | None, str | None]:
+    """An in-memory array or a file, decoded: (array, None), or (None, the reason it was rejected)."""
     try:
         return (decode_array(array, size) if array is not None else decode_file(path, size)), None
     except BadImage as e:
         return None, str(e)
+
+
+def _decode_job(job: tuple) -> tuple[np.ndarray | None, str | None]:
+    return decode_item(*job)  # one picklable argument, for Pool.imap
 
 
 def worker_count(workers: int) -> int:
@@ -381,18 +385,23 @@ def decode_stream(items: list[Item], size: int, workers: int = 1) -> Iterator[tu
     # Arrays already in memory (IDX, digits) only need a resize: shipping them to workers and back
     # cost more than it saved (Fashion-MNIST 5-9 at 128 px: 11.1 s inline, 16.9 s with 2 workers).
     if workers <= 1 or files < 256:
-        yield from map(_decode_one, jobs)
+        yield from map(_decode_job, jobs)
         return
     # fork: workers inherit the imported modules instead of re-importing torch (2 s each); the
     # parent has run no torch op yet, so no thread pool is copied mid-flight.
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_decode_one, jobs, chunksize=max(16, min(256, len(items) // (workers * 8))))
+        yield from pool.imap(_decode_job, jobs, chunksize=max(16, min(256, len(items) // (workers * 8))))
 
 
-def decode_items(items: list[Item], size: int, workers: int = 1) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """decode_stream, collected into lists."""
-    results = list(decode_stream(items, size, workers))
-    return [a for a, _ in results], [r for _, r in results]
+def check_rejected_fraction(*, rejected: list[dict], inputs: int, max_fraction: float, what: str,
+                            report_path: Path | None = None) -> None:
+    """Stop when more than data.max_rejected_fraction of the inputs are unreadable, listing the first."""
+    fraction = len(rejected) / max(inputs, 1)
+    if fraction > max_fraction:
+        first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
+        where = f"Full list in {report_path}; first ones: " if report_path else "First ones: "
+        raise DataError(f"{len(rejected)} of {inputs} {what} ({fraction:.1%}) are unreadable, more than "
+                        f"data.max_rejected_fraction={max_fraction}. Fix or remove them, or raise the limit. {where}{first}")
 
 
 def image_digest(arr: np.ndarray) -> str:

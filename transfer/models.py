@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from transfer.io import load_state_dict, load_tensors, read_json
+from transfer.params import TIMM_PREFIX
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -31,9 +32,6 @@ CLASSIFIER_PATH = {
     "efficientnet": "classifier.1",
     "vit": "heads.head",
 }
-
-
-TIMM_PREFIX = "timm/"
 
 
 class ModelError(ValueError):
@@ -58,15 +56,19 @@ def family(arch: str) -> str:
                      "mobilenet, efficientnet or vit model")
 
 
-def _construct_timm(arch: str, image_size: int) -> nn.Module:
-    import timm  # only for timm archs: its import costs ~2 s more than torchvision's
+def timm_size_kwargs(arch: str, image_size: int) -> dict:
+    """Models with a fixed input size (ViTs) are built for data.image_size, their position embeddings
+    resampled when weights are loaded; CNNs take any size as they are."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(timm_name(arch))
-    # Models with a fixed input size (ViTs) are built for data.image_size, their position
-    # embeddings resampled when weights are loaded; CNNs take any size as they are.
-    kwargs = {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
-    return timm.create_model(timm_name(arch), pretrained=False, num_classes=0, **kwargs)
+    return {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+
+
+def _construct_timm(arch: str, image_size: int) -> nn.Module:
+    import timm  # only for timm archs: its import costs ~2 s more than torchvision's
+
+    return timm.create_model(timm_name(arch), pretrained=False, num_classes=0, **timm_size_kwargs(arch, image_size))
 
 
 def _construct(arch: str, image_size: int) -> nn.Module:
@@ -197,7 +199,7 @@ def _timm_blocks(backbone: nn.Module) -> list[list[str]]:
     return out
 
 
-def normalisation(arch: str, backbone: nn.Module | None = None) -> tuple[tuple, tuple]:
+def normalisation(arch: str, backbone: nn.Module) -> tuple[tuple, tuple]:
     """Mean and std the weights expect: timm's pretrained_cfg for timm models, ImageNet's otherwise."""
     if is_timm(arch):
         cfg = backbone.pretrained_cfg
@@ -251,6 +253,15 @@ def blocks(backbone: nn.Module, arch: str) -> list[list[str]]:
     raise AssertionError(fam)
 
 
+def _block_member(backbone: nn.Module, name: str) -> tuple[nn.Module | None, list[nn.Parameter]]:
+    """A name in a block is a submodule (returned with its parameters) or a bare parameter."""
+    try:
+        module = backbone.get_submodule(name)
+        return module, list(module.parameters())
+    except AttributeError:
+        return None, [backbone.get_parameter(name)]
+
+
 def block_parameter_groups(backbone: nn.Module, arch: str) -> list[list[nn.Parameter]]:
     """The backbone's parameters per block, input to output; any parameter outside every block
     joins the last one (nearest the head)."""
@@ -258,10 +269,7 @@ def block_parameter_groups(backbone: nn.Module, arch: str) -> list[list[nn.Param
     for block in blocks(backbone, arch):
         params = []
         for name in block:
-            try:
-                found = list(backbone.get_submodule(name).parameters())
-            except AttributeError:
-                found = [backbone.get_parameter(name)]
+            _, found = _block_member(backbone, name)
             params += [q for q in found if id(q) not in seen]
             seen |= {id(q) for q in found}
         groups.append(params)
@@ -278,12 +286,9 @@ def freeze_first_blocks(model: Classifier, arch: str, k: int) -> list[str]:
     frozen = []
     for block in all_blocks[:k]:
         for name in block:
-            try:
-                module = model.backbone.get_submodule(name)
-                params = list(module.parameters())
+            module, params = _block_member(model.backbone, name)
+            if module is not None:
                 frozen.append(f"backbone.{name}")
-            except AttributeError:
-                params = [model.backbone.get_parameter(name)]
             for p in params:
                 p.requires_grad_(False)
     model.frozen = frozen

@@ -44,6 +44,7 @@ ARCHS = (
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
     "vit_b_16", "vit_b_32",
 )
+TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (transfer.models uses the same)
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 
 SCHEMA: dict[str, Any] = {
@@ -284,7 +285,7 @@ def _cross_checks(p: Params) -> None:
                                 or any(c not in "0123456789abcdef" for c in p.pretrained.sha256.lower())):
         raise ParamsError(f"pretrained.sha256: {p.pretrained.sha256!r} is not a 64-character hex digest")
     _check_arch(p.backbone.arch)
-    timm_arch = p.backbone.arch.startswith("timm/")
+    timm_arch = p.backbone.arch.startswith(TIMM_PREFIX)
     if p.pretrained.source == "torchvision" and timm_arch:
         raise ParamsError(f"pretrained.source: torchvision has no weights for {p.backbone.arch}; use pretrained.source: timm")
     if p.pretrained.source == "timm" and not timm_arch:
@@ -298,10 +299,10 @@ def _cross_checks(p: Params) -> None:
 
 def _check_arch(arch: str) -> None:
     """A torchvision architecture from ARCHS, or timm/<a model timm knows>; otherwise close matches."""
-    if arch.startswith("timm/"):
+    if arch.startswith(TIMM_PREFIX):
         import timm  # only for timm archs (its import takes seconds)
 
-        name = arch[len("timm/"):]
+        name = arch[len(TIMM_PREFIX):]
         if timm.is_model(name):
             return
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)

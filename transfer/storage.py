@@ -7,6 +7,7 @@ prepared data (extract, finetune, evaluate, convert, the benchmark) goes through
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -31,6 +32,12 @@ def gather_rows(images: "Images", idx: np.ndarray, chunk: int = 256) -> Iterator
         yield from images[torch.from_numpy(np.asarray(idx[start:start + chunk]))].numpy()
 
 
+def _row_bytes(row: np.ndarray, shape: tuple[int, ...], what: str) -> bytes:
+    if row.shape != shape or row.dtype != np.uint8:
+        raise ValueError(f"{what} is {row.dtype} {row.shape}, expected uint8 {shape}")
+    return np.ascontiguousarray(row).tobytes()
+
+
 def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: int, image_size: int,
                 labels: torch.Tensor, meta: dict) -> None:
     """Stream `count` uint8 (3, S, S) images into the split's .npy file (atomically), then its labels."""
@@ -39,13 +46,21 @@ def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: i
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
         written = 0
         for image in images:
-            if image.shape != shape[1:] or image.dtype != np.uint8:
-                raise ValueError(f"image {written} of {split} is {image.dtype} {image.shape}, expected uint8 {shape[1:]}")
-            f.write(np.ascontiguousarray(image).tobytes())
+            f.write(_row_bytes(image, shape[1:], f"image {written} of {split}"))
             written += 1
         if written != count:
             raise ValueError(f"{split}: {written} images written, {count} announced")
     save_tensors(labels_file(folder, split), {"labels": labels}, meta=meta)
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[int]:
+    """One descriptor for all the reads of one access (a batch), not one per row."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -62,14 +77,12 @@ class Spool:
         return self
 
     def append(self, row: np.ndarray) -> None:
-        if row.shape != self.row_shape or row.dtype != np.uint8:
-            raise ValueError(f"row {self.count} is {row.dtype} {row.shape}, expected uint8 {self.row_shape}")
-        self._file.write(np.ascontiguousarray(row).tobytes())
+        self._file.write(_row_bytes(row, self.row_shape, f"row {self.count}"))
         self.count += 1
 
     def rows(self) -> "Images":
         self._file.flush()
-        return Images.raw(self.path, self.count, self.row_shape)
+        return Images(self.path, 0, (self.count, *self.row_shape))
 
     def __exit__(self, *exc) -> None:
         self._file.close()
@@ -80,52 +93,46 @@ class Images:
     """The images of one split, indexed like a uint8 tensor (len, shape, slices, index tensors), each
     access reading just those rows from the file."""
 
-    @classmethod
-    def raw(cls, path: Path, count: int, row_shape: tuple[int, ...]) -> "Images":
-        """Rows of a headerless file (a Spool)."""
-        view = object.__new__(cls)
-        view.path, view.dtype, view._offset = Path(path), torch.uint8, 0
-        view.shape = torch.Size((count, *row_shape))
-        view._row = int(np.prod(row_shape))
-        return view
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...]):
+        """Rows of shape[1:] starting `offset` bytes into `path` (see open() for a .npy file)."""
+        self.path, self._offset = Path(path), offset
+        self.shape, self.dtype = torch.Size(shape), torch.uint8
+        self._row = int(np.prod(shape[1:]))
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
+    @classmethod
+    def open(cls, path: Path) -> "Images":
+        """The images of a .npy file written by write_split."""
+        with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read_header(f)
-            self._offset = f.tell()
+            offset = f.tell()
         if dtype != np.uint8 or fortran or len(shape) != 4:
-            raise ValueError(f"{self.path}: expected uint8 (N, 3, S, S) images, found {dtype} {shape}")
-        self.shape = torch.Size(shape)
-        self.dtype = torch.uint8
-        self._row = int(np.prod(shape[1:]))
+            raise ValueError(f"{path}: expected uint8 (N, 3, S, S) images, found {dtype} {shape}")
+        return cls(path, offset, shape)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
+    def _read(self, fd: int, start: int, stop: int) -> np.ndarray:
         n = max(0, stop - start)
         buf = bytearray(n * self._row)
-        if n:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                view, pos = memoryview(buf), self._offset + start * self._row
-                while view:
-                    got = os.preadv(fd, [view], pos)
-                    if got == 0:
-                        raise EOFError(f"{self.path}: truncated; re-run prepare")
-                    view, pos = view[got:], pos + got
-            finally:
-                os.close(fd)
+        view, pos = memoryview(buf), self._offset + start * self._row
+        while view:
+            got = os.preadv(fd, [view], pos)
+            if got == 0:
+                raise EOFError(f"{self.path}: truncated; re-run prepare")
+            view, pos = view[got:], pos + got
         return np.frombuffer(buf, dtype=np.uint8).reshape(n, *self.shape[1:])
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
-            rows = self._read(start, stop)[::step] if step > 0 else self[torch.arange(start, stop, step)]
-            return torch.from_numpy(np.ascontiguousarray(rows)) if step != 1 else torch.from_numpy(rows)
+            if step < 0:
+                return self[torch.arange(start, stop, step)]
+            with _opened(self.path) as fd:
+                rows = self._read(fd, start, stop)
+            return torch.from_numpy(np.ascontiguousarray(rows[::step]) if step != 1 else rows)
         idx = torch.as_tensor(key).reshape(-1).long()
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} images")
@@ -133,13 +140,14 @@ class Images:
         # Sorted, runs of consecutive rows are read with one call each (a shuffled batch is mostly single rows).
         order = torch.argsort(idx).tolist()
         sorted_idx = idx[order].tolist()
-        i = 0
-        while i < len(sorted_idx):
-            j = i
-            while j + 1 < len(sorted_idx) and sorted_idx[j + 1] == sorted_idx[j] + 1:
-                j += 1
-            out[order[i:j + 1]] = self._read(sorted_idx[i], sorted_idx[j] + 1)
-            i = j + 1
+        with _opened(self.path) as fd:
+            i = 0
+            while i < len(sorted_idx):
+                j = i
+                while j + 1 < len(sorted_idx) and sorted_idx[j + 1] == sorted_idx[j] + 1:
+                    j += 1
+                out[order[i:j + 1]] = self._read(fd, sorted_idx[i], sorted_idx[j] + 1)
+                i = j + 1
         return torch.from_numpy(out)
 
     def __iter__(self):
@@ -148,12 +156,8 @@ class Images:
 
     def rows(self, start: int, stop: int) -> "Images":
         """Rows [start, stop) as another Images, still read lazily (a rank's share of a split)."""
-        view = object.__new__(Images)
-        view.path, view.dtype, view._row = self.path, self.dtype, self._row
         start, stop = max(0, min(start, len(self))), max(0, min(stop, len(self)))
-        view._offset = self._offset + start * self._row
-        view.shape = torch.Size((max(0, stop - start), *self.shape[1:]))
-        return view
+        return Images(self.path, self._offset + start * self._row, (max(0, stop - start), *self.shape[1:]))
 
     def to(self, device) -> torch.Tensor:
         """The whole split as one tensor on `device` (for code that wants it resident, e.g. on a GPU)."""
@@ -163,7 +167,7 @@ class Images:
 def read_split(folder: Path, split: str) -> tuple[dict, dict]:
     """({"images": Images, "labels": int64 tensor}, meta) of a prepared split."""
     tensors, meta = load_tensors(labels_file(folder, split))
-    images = Images(images_file(folder, split))
+    images = Images.open(images_file(folder, split))
     if len(images) != len(tensors["labels"]):
         raise ValueError(f"{folder}/{split}: {len(images)} images but {len(tensors['labels'])} labels; re-run prepare")
     return {"images": images, "labels": tensors["labels"]}, meta

@@ -41,6 +41,13 @@ def launch(nproc: int, module: str) -> None:
                                   f"--nproc_per_node={nproc}", "-m", module]))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 outside torchrun)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size). Under torchrun with more than one process, joins the process group:
     NCCL on GPUs, gloo on CPUs. A plain `python -m stages.x` is rank 0 of 1."""
@@ -52,7 +59,7 @@ def init_distributed() -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return (dist.get_rank() if dist.is_initialized() else 0), world
+    return rank_and_world()
 
 
 def finish_distributed() -> None:
@@ -232,7 +239,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     """
     import torch.distributed as dist
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     fmt = training_memory_format(device)
     model.to(device, memory_format=fmt)
     net = model
