@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from transfer import models, paths, storage, training
-from transfer.io import save_tensors, write_json
+from transfer.io import tensor_stream, write_json
 from transfer.params import load_params
 
 
@@ -26,22 +26,42 @@ def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path,
     stats = {}
     for split in paths.SPLITS:
         tensors, meta = storage.read_split(prepared_dir, split)
-        images = tensors["images"]
+        images, labels = tensors["images"], tensors["labels"]
         bounds = [len(images) * r // world for r in range(world + 1)]
         start = time.perf_counter()
-        emb = training.predict(backbone, images.rows(bounds[rank], bounds[rank + 1]), mean=info["mean"], std=info["std"],
-                               batch_size=batch_size, device=device, amp=amp)
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, emb)
-            emb = torch.cat(parts)
+        # Written batch by batch as they come (float16 halves the cache; the head trains in float32 from
+        # it): memory holds one batch, not the split's N x D embeddings.
+        batches = (y.half() for y in training.predict_batches(
+            backbone, images.rows(bounds[rank], bounds[rank + 1]), mean=info["mean"], std=info["std"],
+            batch_size=batch_size, device=device, amp=amp))
+        shares = [out_dir / f".{split}.rank{r}.tmp" for r in range(world)]
+        if rank > 0:
+            # Other ranks spool their share; rank 0 appends the shares in rank order after its own.
+            shares[rank].parent.mkdir(parents=True, exist_ok=True)
+            with open(shares[rank], "wb") as f:
+                for y in batches:
+                    f.write(y.view(torch.uint8).numpy().tobytes())
+            dist.barrier()
+        else:
+            layout = {"labels": (torch.int64, tuple(labels.shape)), "embeddings": (torch.float16, (len(images), info["feature_dim"]))}
+            try:
+                with tensor_stream(paths.split_file(out_dir, split), layout,
+                                   meta={"classes": meta["classes"], "arch": info["arch"], "backbone_sha256": info["sha256"]}) as put:
+                    put("labels", labels)
+                    for y in batches:
+                        put("embeddings", y)
+                    if world > 1:
+                        dist.barrier()
+                        for share in shares[1:]:
+                            with open(share, "rb") as f:
+                                while piece := f.read(1 << 24):
+                                    put("embeddings", piece)
+            finally:
+                for share in shares[1:]:
+                    share.unlink(missing_ok=True)
         seconds = time.perf_counter() - start
-        if rank == 0:
-            # float16 halves the cache; the head trains in float32 from it.
-            save_tensors(paths.split_file(out_dir, split), {"embeddings": emb.half(), "labels": tensors["labels"]},
-                         meta={"classes": meta["classes"], "arch": info["arch"], "backbone_sha256": info["sha256"]})
-        stats[split] = dict(images=len(emb), seconds=round(seconds, 3),
-                            images_per_second=round(len(emb) / seconds, 1) if seconds > 0 else None)
+        stats[split] = dict(images=len(images), seconds=round(seconds, 3),
+                            images_per_second=round(len(images) / seconds, 1) if seconds > 0 else None)
     return dict(device=str(device), feature_dim=info["feature_dim"], processes=world, splits=stats)
 
 

@@ -8,6 +8,7 @@ reason), report.json (how each split was formed, rejections, leaks, notes); metr
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from transfer.params import load_params
 
 def prepare(*, source: str, root: str, classes: list | None, image_size: int, val_fraction: float,
             test_fraction: float, train_per_class: int | None, eval_per_class: int | None,
-            max_rejected_fraction: float, seed: int, out_dir: Path, metrics_path: Path, workers: int = 1) -> dict:
-    """Decode, split and store the dataset; return the counts written to metrics."""
+            max_rejected_fraction: float, seed: int, out_dir: Path, metrics_path: Path, workers: int = 1,
+            timing_path: Path | None = None) -> dict:
+    """Decode, split and store the dataset; return the counts written to metrics. The decode rate goes
+    to `timing_path` (a log: it varies between identical runs, so it is no output)."""
     collected = data.collect(source, root)
     selected = data.resolve_classes(classes, collected.classes, "data.classes")
     label_of = {name: i for i, name in enumerate(selected)}
@@ -44,15 +47,20 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Decoded pixels go to a scratch file, not a list: memory stays flat however many images there are.
-    with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size)) as spool:
-        good, digests = [], []
-        for item, (arr, reason) in zip(kept, data.decode_stream(kept, image_size, workers)):
+    with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size), capacity=len(kept)) as spool:
+        good, rows_of_good, digests = [], [], []
+        start = time.perf_counter()
+        for k, (item, (digest, reason)) in enumerate(zip(kept, data.decode_stream(kept, image_size, workers, spool))):
             if reason is not None:
                 rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
                 continue
-            spool.append(arr)
             good.append(item)
-            digests.append(data.image_digest(arr))
+            rows_of_good.append(k)
+            digests.append(digest)
+        seconds = time.perf_counter() - start
+        if timing_path is not None:
+            write_json(timing_path, dict(images=len(kept), workers=workers, decode_seconds=round(seconds, 3),
+                                         images_per_second=round(len(kept) / seconds, 1) if seconds > 0 else None))
         rejected_all = [dict(path=r["ref"], reason=r["reason"]) for r in rows if r["status"] == "rejected"]
         n_rejected = len(rejected_all)
         # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
@@ -80,9 +88,9 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
 
         used = np.flatnonzero(split_of != "unused")
         report["leaks"] = data.find_leaks([digests[i] for i in used], [split_of[i] for i in used], [good[i].ref for i in used])
-        pixels = spool.rows()
+        pixels, rows_of_good = spool.rows(), np.asarray(rows_of_good, dtype=np.int64)
         for split, idx in final.items():
-            storage.write_split(out_dir, split, storage.gather_rows(pixels, idx), count=len(idx), image_size=image_size,
+            storage.write_split(out_dir, split, storage.gather_rows(pixels, rows_of_good[idx]), count=len(idx), image_size=image_size,
                                 labels=torch.from_numpy(labels[idx]), meta={"classes": selected, "split": split})
     write_json(out_dir / "classes.json", selected)
     data.write_manifest(out_dir / "manifest.csv", sorted(rows, key=lambda r: r["ref"]))
@@ -173,7 +181,7 @@ def main() -> None:
                          train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
                          max_rejected_fraction=p.data.max_rejected_fraction, seed=p.seed,
                          out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json",
-                         workers=data.worker_count(p.runtime.workers))
+                         workers=data.worker_count(p.runtime.workers), timing_path=paths.LOGS / "prepare_timing.json")
     except DataError as e:
         sys.exit(f"prepare: {e}")
     print(f"prepare: {counts}")

@@ -6,14 +6,17 @@ metrics/pretrain.json.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from transfer import data, models, paths, training
+from transfer import data, models, paths, storage, training
 from transfer.data import DataError
 from transfer.io import WeightsError, download, load_state_dict, load_tensors, load_weights, save_tensors, sha256_file, torchvision_hash_prefix, write_json
 from transfer.models import ModelError
@@ -52,9 +55,11 @@ def fetch_torchvision(*, arch: str, weights: str, cache_dir: Path) -> tuple[Path
     return path, dict(weights=w.name if hasattr(w, "name") else weights, url=url, mean=mean, std=std)
 
 
-def load_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, seed: int,
-              max_rejected_fraction: float) -> dict:
-    """The source task: `per_class` readable images of each of `classes`, 90/10 stratified train/val.
+@contextlib.contextmanager
+def source_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, seed: int,
+                max_rejected_fraction: float, scratch: Path, workers: int = 1) -> Iterator[dict]:
+    """The source task: `per_class` readable images of each of `classes`, 90/10 stratified train/val,
+    as prepared splits in `scratch` (read a batch at a time, like prepare's; removed on exit).
 
     Files are decoded in a seeded random order until each class has `per_class` readable images, so an
     unreadable file is replaced, not silently missing; rejections count against the same
@@ -62,35 +67,49 @@ def load_task(*, source: str, root: str, classes: list, image_size: int, per_cla
     collected = data.collect(source, root)
     names = data.resolve_classes(classes, collected.classes, "pretrained.train.classes")
     rng = np.random.default_rng(seed)
-    chosen, rejected, tried = [], [], 0
-    for label, name in enumerate(names):
-        pool = [i for i in collected.items if i.label == name]
-        got = []
-        for k in rng.permutation(len(pool)):
-            if len(got) == per_class:
-                break
-            item = pool[k]
-            tried += 1
-            arr, reason = data.decode_item(item.array, item.path, image_size)
-            if reason is None:
-                got.append(arr)
-            else:
-                rejected.append(dict(path=item.ref, reason=reason))
-        data.check_rejected_fraction(rejected=rejected, inputs=tried, max_fraction=max_rejected_fraction,
-                                     what="source-task files tried so far")
-        if len(got) < per_class:
-            fix = f"lower it to at most {len(got)}" if len(got) >= 2 else "add images or choose other pretrained.train.classes"
-            raise DataError(f"pretrained.train.per_class: {per_class} is more than the {len(got)} readable images of "
-                            f"source class '{name}'; {fix}")
-        chosen.extend((arr, label) for arr in got)
-    labels = np.array([lab for _, lab in chosen], dtype=np.int64)
-    parts = data.stratified_split(labels, 0.1, 0.0, seed, class_names=names,
-                                  fix="raise pretrained.train.per_class to at least 2")
-    out = {"classes": names, "rejected": rejected, "tried": tried}
-    for split in ("train", "val"):
-        idx = parts[split]
-        out[split] = (data.to_tensor([chosen[i][0] for i in idx], image_size), torch.from_numpy(labels[idx]))
-    return out
+    pools = [[i for i in collected.items if i.label == name] for name in names]
+    rows, labels, rejected, tried = [], [], [], 0
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        # Every candidate has its own row in the (sparse) spool, so decoding ahead of what a class needs
+        # never overwrites a row another class keeps.
+        with storage.Spool(scratch / "decoded.rows.tmp", (3, image_size, image_size), sum(map(len, pools))) as spool:
+            base = 0
+            for label, (name, pool) in enumerate(zip(names, pools)):
+                candidates = [pool[k] for k in rng.permutation(len(pool))]
+                got = 0
+                with contextlib.closing(data.decode_stream(candidates, image_size, workers, spool, first_row=base)) as stream:
+                    for k, (item, (_, reason)) in enumerate(zip(candidates, stream)):
+                        if got == per_class:
+                            break
+                        tried += 1
+                        if reason is None:
+                            rows.append(base + k)
+                            labels.append(label)
+                            got += 1
+                        else:
+                            rejected.append(dict(path=item.ref, reason=reason))
+                base += len(pool)
+                data.check_rejected_fraction(rejected=rejected, inputs=tried, max_fraction=max_rejected_fraction,
+                                             what="source-task files tried so far")
+                if got < per_class:
+                    fix = f"lower it to at most {got}" if got >= 2 else "add images or choose other pretrained.train.classes"
+                    raise DataError(f"pretrained.train.per_class: {per_class} is more than the {got} readable images of "
+                                    f"source class '{name}'; {fix}")
+            labels, rows = np.array(labels, dtype=np.int64), np.array(rows, dtype=np.int64)
+            parts = data.stratified_split(labels, 0.1, 0.0, seed, class_names=names,
+                                          fix="raise pretrained.train.per_class to at least 2")
+            for split in ("train", "val"):
+                idx = parts[split]
+                storage.write_split(scratch, split, storage.gather_rows(spool.rows(), rows[idx]), count=len(idx),
+                                    image_size=image_size, labels=torch.from_numpy(labels[idx]), meta={"classes": names})
+        out = {"classes": names, "rejected": rejected, "tried": tried}
+        for split in ("train", "val"):
+            tensors, _ = storage.read_split(scratch, split)
+            out[split] = (tensors["images"], tensors["labels"])
+        yield out
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def train_on_source_task(*, arch: str, image_size: int, task: dict, epochs: int, lr: float, batch_size: int,
@@ -108,8 +127,19 @@ def train_on_source_task(*, arch: str, image_size: int, task: dict, epochs: int,
                        best_epoch=best_epoch, epochs=epochs, train_images=len(task["train"][1]))
 
 
-def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0) -> dict:
+def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0, workers: int = 1) -> dict:
     """Produce the backbone weights named by p.pretrained; write them and their description."""
+    if p.pretrained.source != "train":
+        return _pretrain(p=p, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=None)
+    # Decoded before any model is built: the decode workers fork from a process that has run no torch op.
+    with source_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes,
+                     image_size=p.data.image_size, per_class=p.pretrained.train.per_class, seed=p.seed,
+                     max_rejected_fraction=p.data.max_rejected_fraction, workers=workers,
+                     scratch=paths.PREPARED.parent / f".source_task.rank{rank}.tmp") as task:
+        return _pretrain(p=p, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=task)
+
+
+def _pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int, task: dict | None) -> dict:
     arch, image_size, src = p.backbone.arch, p.data.image_size, p.pretrained.source
     device = training.pick_device(p.runtime.device)
     backbone, dim = models.build_backbone(arch, image_size)
@@ -144,9 +174,6 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0) -> 
                               rename=p.pretrained.rename, match=p.pretrained.match,
                               min_fraction=p.pretrained.min_loaded_fraction, report_path=out_dir / "load_report.json")
     elif src == "train":
-        task = load_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes, image_size=image_size,
-                         per_class=p.pretrained.train.per_class, seed=p.seed,
-                         max_rejected_fraction=p.data.max_rejected_fraction)
         state, metrics = train_on_source_task(arch=arch, image_size=image_size, task=task, epochs=p.pretrained.train.epochs,
                                               lr=p.pretrained.train.lr, batch_size=p.pretrained.train.batch_size,
                                               mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed)
@@ -243,7 +270,8 @@ def main() -> None:
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic, seed=p.seed)
     rank, _ = training.init_distributed()
     try:
-        info = pretrain(p=p, out_dir=paths.BACKBONE_DIR, metrics_path=paths.METRICS / "pretrain.json", rank=rank)
+        info = pretrain(p=p, out_dir=paths.BACKBONE_DIR, metrics_path=paths.METRICS / "pretrain.json", rank=rank,
+                        workers=data.worker_count(p.runtime.workers))
     except (WeightsError, ModelError, DataError, ParamsError) as e:
         sys.exit(f"pretrain: {e}")
     finally:

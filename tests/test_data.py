@@ -351,9 +351,10 @@ def test_jpeg_draft_decode_stays_within_what_resizing_changes(tmp_path):
 
     drafted = data.decode_file(path, 64).transpose(1, 2, 0).astype(int)
     reference = full(Image.Resampling.BILINEAR)
-    filters = np.abs(reference - full(Image.Resampling.BICUBIC)).mean()
+    filters = [np.abs(reference - full(m)).mean() for m in (Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)]
     difference = np.abs(drafted - reference).mean()
-    assert 0 < difference < filters  # draft mode was used, and changed less than a filter choice does
+    # Draft mode was used, and changed the image no more than choosing another standard filter does.
+    assert 0 < difference <= max(filters), (difference, filters)
 
 
 def test_a_class_without_readable_training_images_stops_prepare(tmp_path):
@@ -373,3 +374,31 @@ def test_a_class_without_readable_training_images_stops_prepare(tmp_path):
 def test_a_class_named_twice_is_caught(tmp_path):
     with pytest.raises(DataError, match=r"names \['T-shirt/top'\] twice"):
         data.resolve_classes([0, "T-shirt/top"], data.FASHION_MNIST_CLASSES, "data.classes")
+
+
+def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker_count(tmp_path):
+    """pretrain's source task decodes into a spool (in parallel from 256 files): every class gets
+    per_class readable images, unreadable files are replaced and reported, no row is left unwritten,
+    and 1 or 2 workers give the same images."""
+    from stages.pretrain import source_task
+
+    root = make_tree(tmp_path / "raw", classes=("a", "b", "c"), per_class=100, ext=".jpg")
+    for i in range(4):
+        (root / "a" / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    seen = {}
+    for workers in (1, 2):
+        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=95, seed=0,
+                         max_rejected_fraction=0.1, scratch=tmp_path / f"scratch{workers}", workers=workers) as task:
+            images = torch.cat([task[s][0][:] for s in ("train", "val")])
+            labels = torch.cat([task[s][1] for s in ("train", "val")])
+            assert torch.bincount(labels).tolist() == [95, 95, 95]
+            assert images.flatten(1).amax(1).min() > 0  # every image was written (an unwritten row reads as zeros)
+            assert task["tried"] == 285 + len(task["rejected"]) and len(task["rejected"]) >= 1
+            assert all("unreadable" in r["reason"] or "not an image" in r["reason"] for r in task["rejected"])
+            seen[workers] = (images, labels, task["rejected"])
+        assert not (tmp_path / f"scratch{workers}").exists()
+    assert torch.equal(seen[1][0], seen[2][0]) and torch.equal(seen[1][1], seen[2][1]) and seen[1][2] == seen[2][2]
+    with pytest.raises(DataError, match="pretrained.train.per_class: 101 is more than the 100 readable images of source class 'a'"):
+        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=101, seed=0,
+                         max_rejected_fraction=0.1, scratch=tmp_path / "scratch3", workers=2):
+            pass

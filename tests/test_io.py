@@ -164,3 +164,36 @@ def test_identical_inputs_give_identical_bytes(tmp_path):
     io.save_tensors(b, {"y": torch.ones(2), "x": torch.arange(5.0)}, meta=dict(reversed(list(meta.items()))))
     assert a.read_bytes() == b.read_bytes()
     assert io.load_tensors(a)[1] == meta
+
+
+def test_tensor_stream_writes_a_safetensors_file_piece_by_piece(tmp_path):
+    """Embeddings arrive batch by batch; the file must read back (with safetensors itself) exactly as
+    the whole tensors would, and a stream that stops short or out of order leaves no file."""
+    from safetensors.torch import load_file
+
+    emb = torch.randn(10, 3).half()
+    labels = torch.arange(10)
+    layout = {"labels": (torch.int64, (10,)), "embeddings": (torch.float16, (10, 3))}
+    target = tmp_path / "train.safetensors"
+    with io.tensor_stream(target, layout, meta={"classes": ["a"]}) as put:
+        put("labels", labels)
+        put("embeddings", emb[:4])
+        put("embeddings", emb[4:7].view(torch.uint8).numpy().tobytes())  # a rank's share, as raw bytes
+        put("embeddings", emb[7:])
+    tensors, meta = io.load_tensors(target)
+    assert torch.equal(tensors["embeddings"], emb) and torch.equal(tensors["labels"], labels)
+    assert meta == {"classes": ["a"]}
+    assert torch.equal(load_file(target)["embeddings"], emb)
+
+    with pytest.raises(ValueError, match="not completely written"):
+        with io.tensor_stream(tmp_path / "short.safetensors", layout) as put:
+            put("labels", labels)
+            put("embeddings", emb[:9])
+    with pytest.raises(ValueError, match="out of order"):
+        with io.tensor_stream(tmp_path / "order.safetensors", layout) as put:
+            put("embeddings", emb)
+    with pytest.raises(ValueError, match="float32 piece"):
+        with io.tensor_stream(tmp_path / "dtype.safetensors", layout) as put:
+            put("labels", labels)
+            put("embeddings", emb.float())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.safetensors"]

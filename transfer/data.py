@@ -93,10 +93,12 @@ def decode_file(path: Path, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.format == "JPEG":
-                    # Decode at a reduced DCT scale (1/2, 1/4, 1/8) while the image stays at least twice
-                    # the target size; measured on photos at 64 px: mean |difference| 1.2 of 255 against
-                    # a full decode, less than bilinear vs bicubic resizing differ (1.6), and 2x faster.
-                    img.draft(None, (2 * size, 2 * size))
+                    # Decode at a reduced DCT scale (1/2, 1/4, 1/8) while the image stays at least the
+                    # target size. 500x375 photos at 128 px (benchmarks/scale.py): mean |difference| 1.8
+                    # of 255 (p99 16) against a full decode, as much as choosing Lanczos (1.7, p99 12) or
+                    # box (1.7, p99 13) over bilinear resizing changes; decode + resize 1.5x faster.
+                    # At twice the target the difference was smaller, but draft never engaged there.
+                    img.draft(None, (size, size))
                 img.load()  # full decode: truncated data fails here (verify() would not notice)
                 img = ImageOps.exif_transpose(img)
                 return _fit(_to_rgb(img), size)
@@ -367,8 +369,18 @@ def decode_item(array: np.ndarray | None, path: Path | None, size: int) -> tuple
         return None, str(e)
 
 
-def _decode_job(job: tuple) -> tuple[np.ndarray | None, str | None]:
-    return decode_item(*job)  # one picklable argument, for Pool.imap
+_spool = None  # the Spool decode jobs write into; set before the pool forks, so workers inherit it
+
+
+def _decode_job(job: tuple) -> tuple[str | None, str | None]:
+    row, array, path, size = job
+    arr, reason = decode_item(array, path, size)
+    if arr is None:
+        return None, reason
+    # The worker writes the pixels and hashes them itself: sending 48 KB arrays back through a pipe to
+    # be copied again by the parent cost a third of the throughput on 2 cores.
+    _spool.write(row, arr)
+    return image_digest(arr), None
 
 
 def worker_count(workers: int) -> int:
@@ -376,19 +388,22 @@ def worker_count(workers: int) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def decode_stream(items: list[Item], size: int, workers: int = 1) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Decode each item once, in parallel over `workers` processes, yielding (array or None, rejection
-    reason or None) in input order whatever the worker count, so outputs are byte-identical. A stream:
-    the caller decides what to keep, so memory need not grow with the dataset."""
-    jobs = ((item.array, item.path, size) for item in items)
+def decode_stream(items: list[Item], size: int, workers: int, spool, first_row: int = 0) -> Iterator[tuple[str | None, str | None]]:
+    """Decode each item once, in parallel over `workers` processes, item k into row first_row + k of
+    `spool` (a storage.Spool). Yields (digest of the pixels or None, rejection reason or None) in input
+    order whatever the worker count, so outputs are byte-identical. A stream: memory stays flat, and a
+    caller that stops early stops the workers."""
+    global _spool
+    _spool = spool
+    jobs = ((first_row + k, item.array, item.path, size) for k, item in enumerate(items))
     files = sum(item.array is None for item in items)
     # Arrays already in memory (IDX, digits) only need a resize: shipping them to workers and back
     # cost more than it saved (Fashion-MNIST 5-9 at 128 px: 11.1 s inline, 16.9 s with 2 workers).
     if workers <= 1 or files < 256:
         yield from map(_decode_job, jobs)
         return
-    # fork: workers inherit the imported modules instead of re-importing torch (2 s each); the
-    # parent has run no torch op yet, so no thread pool is copied mid-flight.
+    # fork: workers inherit the imported modules instead of re-importing torch (2 s each), and the
+    # spool's descriptor; the parent has run no torch op yet, so no thread pool is copied mid-flight.
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         yield from pool.imap(_decode_job, jobs, chunksize=max(16, min(256, len(items) // (workers * 8))))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -117,6 +118,46 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"meta": json.dumps(meta, sort_keys=True)} if meta is not None else None
     write_bytes(path, st_save_bytes(tensors, metadata=metadata))
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8"}
+
+
+@contextlib.contextmanager
+def tensor_stream(path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], meta: dict | None = None):
+    """Write a safetensors file (atomically) whose tensors arrive in pieces, so that a large output
+    (embeddings of a whole split) never has to be in memory at once. `layout` names each tensor's
+    dtype and shape, in file order; yields put(name, piece), where pieces of each tensor come in row
+    order, as tensors or raw bytes, and tensors are completed one after the other. Reads back with
+    load_tensors / safetensors like save_tensors' files."""
+    header, offset, sizes = {}, 0, {}
+    for name, (dtype, shape) in layout.items():
+        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
+        offset += sizes[name]
+    if meta is not None:
+        header["__metadata__"] = {"meta": json.dumps(meta, sort_keys=True)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    names, written = list(layout), dict.fromkeys(layout, 0)
+    with atomic_open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+
+        def put(name: str, piece) -> None:
+            if isinstance(piece, torch.Tensor):
+                if piece.dtype != layout[name][0]:
+                    raise ValueError(f"{name}: {piece.dtype} piece for a {layout[name][0]} tensor")
+                piece = piece.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            earlier = names[:names.index(name)]
+            if any(written[n] != sizes[n] for n in earlier) or written[name] + len(piece) > sizes[name]:
+                raise ValueError(f"{name}: piece out of order or past the end of {path}")
+            f.write(piece)
+            written[name] += len(piece)
+
+        yield put
+        short = {n: (written[n], sizes[n]) for n in names if written[n] != sizes[n]}
+        if short:
+            raise ValueError(f"{path}: tensors not completely written (bytes written, expected): {short}")
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -64,28 +64,35 @@ def _opened(path: Path) -> Iterator[int]:
 
 
 class Spool:
-    """A scratch file of raw uint8 rows appended as they are decoded, read back through Images: prepare
-    decodes each image once into it, then copies the rows each split keeps, so its memory does not grow
-    with the dataset. The file is removed on exit, also when prepare fails."""
+    """A scratch file of `capacity` raw uint8 rows, written in any order by row number (by prepare's
+    decode workers, each through its own positioned writes) and read back through Images: every image
+    is decoded once into it, then each split copies the rows it keeps, so memory does not grow with the
+    dataset. Rows never written read as zeros (the file is sparse). Removed on exit, also on failure."""
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...]):
-        self.path, self.row_shape, self.count = Path(path), tuple(row_shape), 0
+    def __init__(self, path: Path, row_shape: tuple[int, ...], capacity: int):
+        self.path, self.row_shape, self.capacity = Path(path), tuple(row_shape), int(capacity)
+        self.row_bytes = int(np.prod(self.row_shape))
 
     def __enter__(self) -> "Spool":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, self.capacity * self.row_bytes)
         return self
 
-    def append(self, row: np.ndarray) -> None:
-        self._file.write(_row_bytes(row, self.row_shape, f"row {self.count}"))
-        self.count += 1
+    def write(self, index: int, row: np.ndarray) -> None:
+        """Row `index` := row. Safe from forked workers: positioned writes share no file offset."""
+        if not 0 <= index < self.capacity:
+            raise IndexError(f"row {index} outside a spool of {self.capacity}")
+        data, pos = memoryview(_row_bytes(row, self.row_shape, f"row {index}")), index * self.row_bytes
+        while data:
+            done = os.pwrite(self.fd, data, pos)
+            data, pos = data[done:], pos + done
 
     def rows(self) -> "Images":
-        self._file.flush()
-        return Images(self.path, 0, (self.count, *self.row_shape))
+        return Images(self.path, 0, (self.capacity, *self.row_shape))
 
     def __exit__(self, *exc) -> None:
-        self._file.close()
+        os.close(self.fd)
         self.path.unlink(missing_ok=True)
 
 

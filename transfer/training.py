@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -124,27 +126,46 @@ def to_input(batch: torch.Tensor, *, mean, std, device: torch.device,
     return ((x - m) / s).contiguous(memory_format=memory_format)
 
 
-def _batches(images: torch.Tensor, batch_size: int, device: torch.device):
-    pin = device.type == "cuda"
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        yield chunk.pin_memory() if pin else chunk
+def _host(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch ready for the device: pinned for a CUDA target, so the copy can be non-blocking."""
+    return batch.pin_memory() if device.type == "cuda" else batch
+
+
+def prefetch(fetch: Callable, keys: Iterable, depth: int = 2) -> Iterator:
+    """fetch(key) for each key in order, computed up to `depth` keys ahead in one thread: reading the
+    next batch from disk (and pinning it) overlaps the model's work on this one, so a GPU is not
+    left waiting on file reads. The reads release the GIL; on CPU it costs nothing measurable."""
+    keys = list(keys)
+    with ThreadPoolExecutor(1) as pool:
+        pending = deque(pool.submit(fetch, k) for k in keys[:depth])
+        for i in range(len(keys)):
+            item = pending.popleft().result()
+            if i + depth < len(keys):
+                pending.append(pool.submit(fetch, keys[i + depth]))
+            yield item
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
-            amp: bool = True) -> torch.Tensor:
-    """Model outputs (logits or embeddings) for uint8 images, as float32 on the CPU."""
+def predict_batches(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
+                    amp: bool = True) -> Iterator[torch.Tensor]:
+    """Model outputs (logits or embeddings) for uint8 images, one float32 CPU batch at a time, so a
+    caller can write them out as they come and hold no more than a batch."""
     model.eval().to(device, memory_format=torch.channels_last)
     if len(images) == 0:  # an empty split still needs the output width
-        return predict(model, torch.zeros((1, *images.shape[1:]), dtype=torch.uint8), mean=mean, std=std,
-                       batch_size=1, device=device, amp=amp)[:0]
-    outs = []
-    for chunk in _batches(images, batch_size, device):
+        yield from (y[:0] for y in predict_batches(model, torch.zeros((1, *images.shape[1:]), dtype=torch.uint8),
+                                                   mean=mean, std=std, batch_size=1, device=device, amp=amp))
+        return
+    starts = range(0, len(images), batch_size)
+    for chunk in prefetch(lambda s: _host(images[s:s + batch_size], device), starts):
         with autocast(device, amp):
             y = model(to_input(chunk, mean=mean, std=std, device=device))
-        outs.append(y.float().cpu())
-    return torch.cat(outs)
+        yield y.float().cpu()
+
+
+def predict(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
+            amp: bool = True) -> torch.Tensor:
+    """Model outputs (logits or embeddings) for uint8 images, as one float32 CPU tensor."""
+    return torch.cat(list(predict_batches(model, images, mean=mean, std=std, batch_size=batch_size, device=device, amp=amp)))
 
 
 def augment(batch: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -275,8 +296,9 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         model.to(memory_format=fmt)  # predict() below switches it to channels_last for evaluation
         model.train()
         loss_sum, correct, total = 0.0, 0, 0
-        for idx in _epoch_batches(len(train_labels), batch_size, gen):
-            batch = train_images[idx].to(device, non_blocking=True)
+        order = _epoch_batches(len(train_labels), batch_size, gen)
+        for idx, batch in zip(order, prefetch(lambda i: _host(train_images[i], device), order)):
+            batch = batch.to(device, non_blocking=True)
             if augment_pad or augment_hflip:
                 batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
             y = train_labels_dev[idx.to(device)]
