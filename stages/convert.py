@@ -1,18 +1,20 @@
 """convert: checkpoints that load on any device, verified.
 
-Outputs (models/export/): model_fp32.safetensors, model_fp16.safetensors (optional), model.json;
+Outputs (models/export/): model_fp32.safetensors, model_fp16.safetensors (optional), model.onnx and
+model.torchscript.pt (optional; uint8 images in, logits out), model.json (with the preprocessing);
 metrics/convert.json: prediction parity of each export against the trained model.
 The loader (transfer.models.load_model) also reads torch checkpoints saved on a GPU, onto the
 CPU, and strips DataParallel's `module.` and torch.compile's `_orig_mod.` prefixes.
 """
 from __future__ import annotations
 
-import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from transfer import models, paths, storage, training
+from transfer import cli, export, models, paths, storage, training
 from transfer.io import read_json, save_tensors, write_json
 from transfer.params import load_params
 
@@ -33,10 +35,13 @@ def to_fp16(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     return out, kept
 
 
-def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path: Path, fp16: bool,
-            batch_size: int, max_images: int = 1024) -> dict:
-    """Export the model's weights, reload each export on the CPU, and compare test predictions."""
+def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path: Path, fp16: bool, onnx: bool,
+            torchscript: bool, tolerance: float, batch_size: int, max_images: int = 1024) -> dict:
+    """Export the model (weights in fp32 and fp16, ONNX, TorchScript), load each export back on the CPU
+    the way a user would, and compare its test-split predictions with the trained model's. An export
+    that disagrees fails the stage with the numbers."""
     meta = read_json(model_dir / "model.json")
+    meta = {**meta, "preprocess": export.PREPROCESS}
     reference = models.load_model(model_dir / "model.safetensors", meta)
     test, _ = storage.read_split(prepared_dir, "test")
     images = test["images"][:max_images]
@@ -44,6 +49,10 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
 
     def run(m):  # fp32 on the CPU: the parity check must not depend on autocast
         return training.predict(m, images, mean=meta["mean"], std=meta["std"], batch_size=batch_size, device=cpu, amp=False)
+
+    def batches():
+        for start in range(0, len(images), batch_size):
+            yield images[start:start + batch_size]
 
     ref_logits = run(reference)
     state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
@@ -62,23 +71,54 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
         metrics[f"{name}_max_abs_logit_diff"] = max_diff
         metrics[f"{name}_mb"] = round(path.stat().st_size / 2**20, 3)
     metrics["fp16_kept_fp32_tensors"] = len(kept_fp32)
-    write_json(out_dir / "model.json", meta)
-    write_json(metrics_path, metrics)
     if metrics["fp32_agreement"] < 1.0 or metrics["fp32_max_abs_logit_diff"] > 1e-4:
-        raise RuntimeError(f"the fp32 export does not reproduce the model's predictions: {metrics}")
+        raise export.ExportError(f"the fp32 export does not reproduce the model's predictions: {metrics}")
+
+    net = export.deployable(reference, meta["mean"], meta["std"])
+    ref = ref_logits.numpy()
+    checks = {}
+    if onnx:
+        path = out_dir / export.ONNX_FILE
+        export.export_onnx(net, path, meta["image_size"])
+        session = export.onnx_session(path, device="cpu")
+        got = np.concatenate([export.onnx_logits(session, b.numpy()) for b in batches()] or [np.zeros((0, ref.shape[1]))])
+        checks["onnx"] = (export.parity(ref, got, tolerance), path)
+    if torchscript:
+        path = out_dir / export.TORCHSCRIPT_FILE
+        export.export_torchscript(net, path, meta["image_size"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, see transfer.export
+            loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.inference_mode():
+            got = np.concatenate([loaded(b).numpy() for b in batches()] or [np.zeros((0, ref.shape[1]))])
+        checks["torchscript"] = (export.parity(ref, got, tolerance), path)
+    for name, (result, path) in checks.items():
+        metrics.update({f"{name}_{k}": v for k, v in result.items()})
+    if onnx:  # (not TorchScript's size: it varies with the names PyTorch gives traced classes)
+        metrics["onnx_mb"] = round((out_dir / export.ONNX_FILE).stat().st_size / 2**20, 3)
+    write_json(metrics_path, metrics)
+    bad = {name: result for name, (result, _) in checks.items()
+           if result["max_abs_logit_diff"] > tolerance or result["real_disagreements"]}
+    if bad:
+        for _, path in checks.values():
+            path.unlink(missing_ok=True)  # an export that does not reproduce the model must not be deployed
+        raise export.ExportError(
+            "; ".join(f"the {name} export does not reproduce the model on {len(images)} test images: top-1 agreement "
+                      f"{r['agreement']:.4f}, max |logit difference| {r['max_abs_logit_diff']:.3g} > convert.tolerance "
+                      f"{tolerance:g}" for name, r in bad.items())
+            + ". Report it with the arch and torch/onnx versions, or turn that export off (convert.onnx / convert.torchscript)")
+    write_json(out_dir / "model.json", meta)
     return metrics
 
 
 def main() -> None:
     p = load_params()
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
-    try:
-        metrics = convert(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EXPORT_DIR,
-                          metrics_path=paths.METRICS / "convert.json", fp16=p.convert.fp16, batch_size=p.evaluate.batch_size)
-    except RuntimeError as e:
-        sys.exit(f"convert: {e}")
+    metrics = convert(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EXPORT_DIR,
+                      metrics_path=paths.METRICS / "convert.json", fp16=p.convert.fp16, onnx=p.convert.onnx,
+                      torchscript=p.convert.torchscript, tolerance=p.convert.tolerance, batch_size=p.evaluate.batch_size)
     print(f"convert: {metrics}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("convert", main)

@@ -1,12 +1,12 @@
 """evaluate: the final classifier on the test split.
 
-Outputs: metrics/evaluate.json (accuracy, macro-F1, per-class precision/recall),
-metrics/predictions.csv (one row per test image: the DVC confusion-matrix plot),
+Outputs, logged through DVCLive (transfer.tracking): metrics/evaluate/metrics.json (accuracy,
+macro-F1, per-class precision/recall/support) and metrics/evaluate/plots/sklearn/confusion_matrix.json
+(one actual/predicted row per test image: the DVC confusion-matrix plot); and
 metrics/prediction_grid.png (test images with true and predicted labels).
 """
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
@@ -14,27 +14,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from transfer import models, paths, storage, training
-from transfer.io import read_json, write_bytes, write_json, write_text
+from transfer import cli, models, paths, storage, tracking, training
+from transfer.io import read_json, write_bytes
 from transfer.params import load_params
 
 
-def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_path: Path, predictions_path: Path, grid_path: Path,
-             grid_images: int, batch_size: int, device, amp: bool) -> dict:
+def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_dir: Path, grid_path: Path, grid_images: int,
+             batch_size: int, device, amp: bool) -> dict:
     meta = read_json(model_dir / "model.json")
     model = models.load_model(model_dir / "model.safetensors", meta)
     test, _ = storage.read_split(prepared_dir, "test")
     logits = training.predict(model, test["images"], mean=meta["mean"], std=meta["std"], batch_size=batch_size,
-                              device=device, amp=amp)
+                              device=device, amp=amp, desc="evaluate")
     y_true, y_pred = test["labels"].numpy(), logits.argmax(1).numpy()
     classes = meta["classes"]
     metrics = classification_metrics(y_true, y_pred, classes)
-    write_json(metrics_path, metrics)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows([classes[t], classes[q]] for t, q in zip(y_true, y_pred))
-    write_text(predictions_path, buf.getvalue())
+    tracking.log_evaluation(metrics_dir, metrics, [classes[t] for t in y_true], [classes[q] for q in y_pred])
     shown = grid_indices(y_true, grid_images)
     write_bytes(grid_path, prediction_grid(test["images"][torch.from_numpy(shown)], y_true[shown], y_pred[shown], classes))
     return metrics
@@ -91,12 +86,12 @@ def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], ti
 def main() -> None:
     p = load_params()
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
-    metrics = evaluate(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, metrics_path=paths.METRICS / "evaluate.json",
-                       predictions_path=paths.METRICS / "predictions.csv", grid_path=paths.METRICS / "prediction_grid.png",
+    metrics = evaluate(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, metrics_dir=paths.METRICS / "evaluate",
+                       grid_path=paths.METRICS / "prediction_grid.png",
                        grid_images=p.evaluate.grid_images, batch_size=p.evaluate.batch_size,
                        device=training.pick_device(p.runtime.device), amp=p.runtime.amp)
     print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {metrics['test_images']} test images")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("evaluate", main)

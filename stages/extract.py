@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from transfer import models, paths, storage, training
+from transfer import cli, models, paths, storage, training
 from transfer.io import tensor_stream, write_json
 from transfer.params import load_params
 
@@ -33,7 +33,7 @@ def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path,
         # it): memory holds one batch, not the split's N x D embeddings.
         batches = (y.half() for y in training.predict_batches(
             backbone, images.rows(bounds[rank], bounds[rank + 1]), mean=info["mean"], std=info["std"],
-            batch_size=batch_size, device=device, amp=amp))
+            batch_size=batch_size, device=device, amp=amp, desc=f"extract {split}"))
         shares = [out_dir / f".{split}.rank{r}.tmp" for r in range(world)]
         if rank > 0:
             # Other ranks spool their share; rank 0 appends the shares in rank order after its own.
@@ -85,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("extract", main)

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from transfer import models, paths, storage, training
+from transfer import cli, models, paths, storage, tracking, training
 from transfer.io import load_tensors, read_json, save_tensors, sha256_file, write_json
-from transfer.models import ModelError
 from transfer.params import Params, load_params
 
 
@@ -104,7 +102,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
         save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
         write_json(out_dir / "model.json", meta)
         write_json(metrics_path, metrics)
-        training.write_curves(curves_dir, history)
+        tracking.log_history(curves_dir, history)
     return metrics
 
 
@@ -130,8 +128,6 @@ def main() -> None:
                                out_dir=paths.MODEL_DIR, checkpoint=paths.CHECKPOINTS / "finetune.pt",
                                metrics_path=paths.METRICS / "finetune.json", curves_dir=paths.METRICS / "curves" / "finetune",
                                rank=rank)
-    except ModelError as e:
-        sys.exit(f"finetune: {e}")
     finally:
         training.finish_distributed()
     if rank == 0:
@@ -139,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("finetune", main)

@@ -7,7 +7,6 @@ reason), report.json (how each split was formed, rejections, leaks, notes); metr
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer import data, paths, storage
+from transfer import cli, data, paths, storage
 from transfer.data import DataError
 from transfer.io import write_json
 from transfer.params import load_params
@@ -50,7 +49,8 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size), capacity=len(kept)) as spool:
         good, rows_of_good, digests = [], [], []
         start = time.perf_counter()
-        for k, (item, (digest, reason)) in enumerate(zip(kept, data.decode_stream(kept, image_size, workers, spool))):
+        stream = cli.progress(data.decode_stream(kept, image_size, workers, spool), desc="decode", total=len(kept), unit="img")
+        for k, ((digest, reason), item) in enumerate(zip(stream, kept)):  # the bar first: it closes when its iterator ends
             if reason is not None:
                 rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
                 continue
@@ -175,17 +175,14 @@ def _assign_splits(items, labels, val_fraction, test_fraction, seed, selected, l
 
 def main() -> None:
     p = load_params()
-    try:
-        counts = prepare(source=p.data.source, root=p.data.root, classes=p.data.classes, image_size=p.data.image_size,
-                         val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction,
-                         train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
-                         max_rejected_fraction=p.data.max_rejected_fraction, seed=p.seed,
-                         out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json",
-                         workers=data.worker_count(p.runtime.workers), timing_path=paths.LOGS / "prepare_timing.json")
-    except DataError as e:
-        sys.exit(f"prepare: {e}")
+    counts = prepare(source=p.data.source, root=p.data.root, classes=p.data.classes, image_size=p.data.image_size,
+                     val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction,
+                     train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
+                     max_rejected_fraction=p.data.max_rejected_fraction, seed=p.seed,
+                     out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json",
+                     workers=data.worker_count(p.runtime.workers), timing_path=paths.LOGS / "prepare_timing.json")
     print(f"prepare: {counts}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("prepare", main)

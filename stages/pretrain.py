@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from transfer import data, models, paths, storage, training
+from transfer import cli, data, models, paths, storage, training
 from transfer.data import DataError
 from transfer.io import WeightsError, download, load_state_dict, load_tensors, load_weights, save_tensors, sha256_file, torchvision_hash_prefix, write_json
 from transfer.models import ModelError
@@ -272,8 +271,6 @@ def main() -> None:
     try:
         info = pretrain(p=p, out_dir=paths.BACKBONE_DIR, metrics_path=paths.METRICS / "pretrain.json", rank=rank,
                         workers=data.worker_count(p.runtime.workers))
-    except (WeightsError, ModelError, DataError, ParamsError) as e:
-        sys.exit(f"pretrain: {e}")
     finally:
         training.finish_distributed()
     if rank == 0:
@@ -281,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("pretrain", main)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transfer import models, paths, training
+from transfer import cli, models, paths, tracking, training
 from transfer.io import load_tensors, save_tensors, write_json
 from transfer.params import load_params
 
@@ -29,7 +29,7 @@ def fit_head(*, embeddings_dir: Path, out_dir: Path, metrics_path: Path, curves_
     best = history[best_epoch - 1]
     metrics = dict(best_epoch=best_epoch, val_acc=best["val_acc"], train_acc=best["train_acc"], val_loss=best["val_loss"])
     write_json(metrics_path, metrics)
-    training.write_curves(curves_dir, history)
+    tracking.log_history(curves_dir, history)
     return metrics
 
 
@@ -45,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("train_head", main)

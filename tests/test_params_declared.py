@@ -8,7 +8,7 @@ import yaml
 
 from conftest import ROOT, tiny_params, write_params
 from test_stages import STAGES, run_stage
-from transfer import models
+from transfer import cli, models
 from transfer.io import sha256_file
 from transfer.params import SCHEMA, record_reads
 
@@ -36,7 +36,7 @@ def test_each_stage_declares_exactly_the_params_it_reads(in_tmp, monkeypatch):
         write_params(in_tmp, params)
         with record_reads() as r:
             if fails:
-                with pytest.raises(SystemExit):
+                with pytest.raises(cli.UserError):
                     run_stage(name)
             else:
                 run_stage(name)

@@ -21,13 +21,14 @@ def repo(tmp_path_factory):
     path = tmp_path_factory.mktemp("project")
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)
-    for folder in ("stages", "transfer"):
+    for folder in ("stages", "transfer", "plots"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     # A small backbone with random weights: training itself is covered in test_stages; here DVC's behaviour is.
     write_params(path, tiny_params(pretrained={"source": "none"}, backbone={"arch": "mobilenet_v3_small"}))
     sh(path, "git", "init", "-q")
     dvc(path, "init", "-q")
     dvc(path, "config", "core.autostage", "true")
+    dvc(path, "config", "plots.html_template", "../plots/offline.html")  # as the project's .dvc/config
     sh(path, "git", "add", "-A")
     sh(path, "git", "commit", "-qm", "tiny project")
     return path
@@ -81,7 +82,7 @@ def test_forced_extract_changes_no_output_hash_and_reruns_nothing(repo, baseline
     assert lock_outs(repo) == baseline
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
     assert sh(repo, "git", "status", "--porcelain").stdout == ""  # git sees no change either
-    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    ev = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
     assert ev["test_images"] == 75
 
 
@@ -101,7 +102,7 @@ def test_experiments_rerun_only_what_changed(repo, baseline):
     assert all(f'"name": "{n}"' in show for n in names) and '"strategy": "finetune"' in show
     dvc(repo, "plots", "show", "-o", str(repo / "plots_out"))
     html = (repo / "plots_out" / "index.html").read_text()
-    assert "predictions.csv" in html and "prediction_grid.png" in html
+    assert "Confusion matrix (test split)" in html and "prediction_grid.png" in html
     assert "Training curves (finetune)" in html and "Training curves (head)" in html
     # Back to the baseline for the tests that follow: git restores params, lock and uncached metrics.
     sh(repo, "git", "checkout", "--", ".")
@@ -133,3 +134,35 @@ def test_sigkill_inside_an_output_write_then_repro_completes(repo, baseline, sta
     assert stage in ran(r.stdout) or f"Stage '{stage}' is cached" in r.stdout, r.stdout
     assert lock_outs(repo) == baseline  # the interrupted run left nothing that changed the result
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_the_project_renders_its_plots_with_the_offline_template():
+    config = (ROOT / ".dvc" / "config").read_text()
+    assert re.search(r"\[plots\]\s+html_template = \.\./plots/offline\.html", config), config
+    page = (ROOT / "plots" / "offline.html").read_text()
+    assert "{plot_divs}" in page and "<script src" not in page and "cdn." not in page
+    for lib in ("vega@5.20.2", "vega-lite@5.2.0", "vega-embed@6.18.2"):
+        assert f"<script>/* {lib} */" in page
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium (make setup installs it where apt-get can)")
+def test_plots_render_offline_in_a_real_browser(repo, baseline, tmp_path):
+    """dvc plots show with the project's template, opened by headless Chromium with no network: every
+    Vega plot (confusion matrix, both training curves) must have drawn its canvas."""
+    out = tmp_path / "plots"
+    dvc(repo, "plots", "show", "-o", str(out))
+    html = (out / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html and "<script src=" not in html
+    ids = re.findall(r"vegaEmbed\('#([^']+)'", html)
+    assert len(ids) == 3 and any("confusion_matrix" in i for i in ids), ids
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--no-proxy-server", "--proxy-server=127.0.0.1:9",  # nothing from the network, for sure
+                          "--virtual-time-budget=15000", "--dump-dom", (out / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=180).stdout
+    starts = sorted((dom.index(f'id="{i}"'), i) for i in ids)
+    for (start, plot_id), (end, _) in zip(starts, starts[1:] + [(len(dom), None)]):
+        drawn = re.findall(r'<canvas width="(\d+)" height="(\d+)" class="marks"', dom[start:end])
+        assert drawn and all(int(w) > 100 and int(h) > 100 for w, h in drawn), (plot_id, dom[start:start + 500])

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transfer.cli import UserError
 from transfer.io import write_text
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -33,7 +33,7 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The dataset cannot be used as configured; the message says what to change."""
 
 
@@ -441,9 +441,3 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
-
-
-def to_tensor(arrays: list[np.ndarray], size: int) -> torch.Tensor:
-    if not arrays:
-        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    return torch.from_numpy(np.stack(arrays))

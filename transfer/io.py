@@ -20,12 +20,17 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
+
+from transfer.cli import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that handle tensors, not here: the file helpers also serve
+# `predict --onnx`, which must run where only onnxruntime, Pillow and numpy are installed.
 
 # Wrappers that training code adds in front of every key: DataParallel/DDP and torch.compile.
 KEY_PREFIXES = ("module.", "_orig_mod.")
@@ -61,7 +66,7 @@ def _umask() -> int:
     return mask
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file is unsafe, unreadable or does not fit the model."""
 
 
@@ -115,12 +120,11 @@ def read_json(path: str | Path):
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """Write tensors as safetensors, atomically. `meta` is kept as one sorted JSON string so that
     identical inputs give identical bytes (safetensors keeps several metadata keys in hash order)."""
+    from safetensors.torch import save as st_save_bytes
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"meta": json.dumps(meta, sort_keys=True)} if meta is not None else None
     write_bytes(path, st_save_bytes(tensors, metadata=metadata))
-
-
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8"}
 
 
 @contextlib.contextmanager
@@ -130,10 +134,13 @@ def tensor_stream(path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[i
     dtype and shape, in file order; yields put(name, piece), where pieces of each tensor come in row
     order, as tensors or raw bytes, and tensors are completed one after the other. Reads back with
     load_tensors / safetensors like save_tensors' files."""
+    import torch
+
+    dtypes = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8"}
     header, offset, sizes = {}, 0, {}
     for name, (dtype, shape) in layout.items():
         sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
+        header[name] = {"dtype": dtypes[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
         offset += sizes[name]
     if meta is not None:
         header["__metadata__"] = {"meta": json.dumps(meta, sort_keys=True)}
@@ -162,6 +169,8 @@ def tensor_stream(path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[i
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a safetensors file written by save_tensors: (tensors on CPU, meta)."""
+    from safetensors.torch import load as st_load_bytes
+
     path = Path(path)
     data = _read_nonempty(path)
     try:
@@ -178,12 +187,16 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Training state (tensors, state dicts, numbers) via torch.save, atomically. Loadable with
     weights_only=True: only tensors and plain containers go in, never modules or classes."""
+    import torch
+
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a torch checkpoint on CPU with weights_only=True; refuse anything that needs unpickling."""
+    import torch
+
     path = Path(path)
     _read_nonempty(path)
     try:
@@ -229,6 +242,8 @@ STATE_ENTRIES = ("state_dict", "model", "model_state_dict", "module", "net", "ne
 
 
 def _tensors_only(obj) -> bool:
+    import torch
+
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
@@ -260,6 +275,8 @@ def load_weights(path: str | Path, *, entry: str = "") -> tuple[dict[str, torch.
     done to get it: which nested entry was used and which wrapper prefixes were stripped.
 
     Refuses non-tensor values and NaN/Inf."""
+    import torch
+
     path = Path(path)
     if path.suffix == ".safetensors":
         if entry:
@@ -284,6 +301,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    import torch
+
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"{where}: NaN or Inf values in {bad[:5]}; the weights are corrupt "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transfer.cli import UserError
 from transfer.io import load_state_dict, load_tensors, read_json
 from transfer.params import TIMM_PREFIX
 
@@ -34,7 +35,7 @@ CLASSIFIER_PATH = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """The architecture or its weights do not fit what was asked."""
 
 

@@ -15,10 +15,11 @@ from typing import Any, Iterator
 
 import yaml
 
+from transfer.cli import UserError
 from transfer.paths import PARAMS
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """params.yaml is invalid; the message says which key and how to fix it."""
 
 
@@ -118,6 +119,9 @@ SCHEMA: dict[str, Any] = {
     },
     "convert": {
         "fp16": Field("bool", True, "also write a float16 copy of the weights"),
+        "onnx": Field("bool", True, "also export ONNX (uint8 images in, logits out, any batch size), checked with onnxruntime"),
+        "torchscript": Field("bool", True, "also export TorchScript (same interface), checked with torch.jit"),
+        "tolerance": Field("float", 1e-3, "largest logit difference an export may have from PyTorch on the test split", min=0.0),
     },
     "runtime": {
         "device": Field("str", "auto", "compute device", choices=("auto", "cpu", "cuda")),

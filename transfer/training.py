@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer.io import load_checkpoint, save_checkpoint, write_text
+from transfer import cli
+from transfer.cli import DeviceError
+from transfer.io import load_checkpoint, save_checkpoint
 
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
+        raise DeviceError("runtime.device: cuda was asked for but torch sees no CUDA device; use auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
@@ -39,8 +41,23 @@ def launch(nproc: int, module: str) -> None:
         import subprocess
         import sys
 
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={nproc}", "-m", module]))
+        stage = module.rsplit(".", 1)[-1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
+        # The ranks' stderr passes through line by line, except that after a rank's one-line user error
+        # torchrun's own multi-page failure report is dropped: the user sees the one line and exit code 2.
+        user_error = None
+        # Each rank gets its share of the cores (torchrun would otherwise set 1 and print a banner about it).
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // nproc))}
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1, env=env) as proc:
+            for line in proc.stderr:
+                if user_error is None and cli.is_user_error_line(stage, line):
+                    user_error = line
+                if user_error is None:
+                    sys.stderr.write(line)
+        if user_error is not None:
+            sys.stderr.write(user_error)
+            sys.exit(cli.EXIT_USER_ERROR)
+        sys.exit(proc.returncode)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -147,25 +164,31 @@ def prefetch(fetch: Callable, keys: Iterable, depth: int = 2) -> Iterator:
 
 @torch.inference_mode()
 def predict_batches(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
-                    amp: bool = True) -> Iterator[torch.Tensor]:
+                    amp: bool = True, desc: str | None = None) -> Iterator[torch.Tensor]:
     """Model outputs (logits or embeddings) for uint8 images, one float32 CPU batch at a time, so a
-    caller can write them out as they come and hold no more than a batch."""
+    caller can write them out as they come and hold no more than a batch. With `desc`, a progress bar."""
     model.eval().to(device, memory_format=torch.channels_last)
     if len(images) == 0:  # an empty split still needs the output width
         yield from (y[:0] for y in predict_batches(model, torch.zeros((1, *images.shape[1:]), dtype=torch.uint8),
                                                    mean=mean, std=std, batch_size=1, device=device, amp=amp))
         return
     starts = range(0, len(images), batch_size)
+    bar = cli.progress(None, desc=desc, total=len(images), unit="img") if desc else None
     for chunk in prefetch(lambda s: _host(images[s:s + batch_size], device), starts):
         with autocast(device, amp):
             y = model(to_input(chunk, mean=mean, std=std, device=device))
         yield y.float().cpu()
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
 
 
 def predict(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
-            amp: bool = True) -> torch.Tensor:
+            amp: bool = True, desc: str | None = None) -> torch.Tensor:
     """Model outputs (logits or embeddings) for uint8 images, as one float32 CPU tensor."""
-    return torch.cat(list(predict_batches(model, images, mean=mean, std=std, batch_size=batch_size, device=device, amp=amp)))
+    return torch.cat(list(predict_batches(model, images, mean=mean, std=std, batch_size=batch_size, device=device,
+                                          amp=amp, desc=desc)))
 
 
 def augment(batch: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -212,7 +235,7 @@ def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
     val_x, val_y = val_x.to(device).float(), val_y.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     history, best, best_state, best_epoch = [], -1.0, None, 0
-    for epoch in range(1, epochs + 1):
+    for epoch in cli.progress(range(1, epochs + 1), desc="train_head", unit="epoch"):
         head.train()
         total, correct, loss_sum = 0, 0, 0.0
         for idx in _epoch_batches(len(train_y), batch_size, gen):
@@ -297,7 +320,9 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         model.train()
         loss_sum, correct, total = 0.0, 0, 0
         order = _epoch_batches(len(train_labels), batch_size, gen)
-        for idx, batch in zip(order, prefetch(lambda i: _host(train_images[i], device), order)):
+        batches = cli.progress(prefetch(lambda i: _host(train_images[i], device), order), desc=f"epoch {epoch}/{epochs}",
+                               total=len(order), unit="batch")
+        for batch, idx in zip(batches, order):  # the bar first: it closes when its iterator ends
             batch = batch.to(device, non_blocking=True)
             if augment_pad or augment_hflip:
                 batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
@@ -338,22 +363,3 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                 generator=gen.get_state(), torch_rng=torch.get_rng_state(), history=history, best_acc=best_acc,
                 best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
     return best_state, history, best_epoch
-
-
-def write_curves(folder: Path, history: list[dict]) -> None:
-    """Training curves in dvclive's layout (folder/plots/metrics/{train,val}/<name>.tsv, columns
-    step and value) for `dvc plots`. Written directly: dvclive's Live() runs `dvc init` in any
-    enclosing git repo and fails in one without commits, side effects a stage must not have."""
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-    series: dict[str, list[str]] = {}
-    for step, row in enumerate(history):
-        for key, value in row.items():
-            if key == "epoch" or value != value:  # NaN: no validation split
-                continue
-            name = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
-            series.setdefault(name, []).append(f"{step}\t{value}")
-    for name, lines in series.items():
-        leaf = name.rsplit("/", 1)[-1]
-        write_text(folder / "plots" / "metrics" / f"{name}.tsv", f"step\t{leaf}\n" + "\n".join(lines) + "\n")

@@ -1,0 +1,202 @@
+"""predict: classify new images with the exported model.
+
+    python -m stages.predict PATH... [--top-k K] [--out predictions.csv] [--onnx] [--model models/export]
+
+PATH: image files and folders (searched recursively for image files). Each image gets exactly the
+preprocessing the model was trained with, as model.json describes it; batches run on the GPU when
+there is one. Unreadable files are listed in the output with the reason, never a crash; the exit
+code is 2 only when nothing could be read. With --onnx the model runs in onnxruntime from
+model.onnx, and torch is never imported: a deployment needs onnxruntime, Pillow and numpy only.
+
+Not a DVC stage: it reads the pipeline's last output and writes where --out says.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from transfer import cli, data, export, paths
+from transfer.cli import UserError
+from transfer.io import read_json, write_text
+
+
+def find_images(targets: list[str]) -> list[Path]:
+    """Files named on the command line, and the image files under folders named, in a stable order.
+    A named file is always tried (its decode says why it is unreadable); a missing path is an entry too."""
+    out: list[Path] = []
+    for target in targets:
+        path = Path(target)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_EXTS
+                              and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        else:
+            out.append(path)
+    return out
+
+
+def _decode(job: tuple[Path, int]) -> tuple[np.ndarray | None, str | None]:
+    path, size = job
+    if not path.exists():
+        return None, "no such file"
+    if path.is_dir():
+        return None, "a folder with no image files"
+    return data.decode_item(None, path, size)
+
+
+def decoded(files: list[Path], size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """(image, None) or (None, reason) per file, in order, decoded in parallel."""
+    jobs = [(f, size) for f in files]
+    if workers <= 1 or len(files) < 64:
+        yield from map(_decode, jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_decode, jobs, chunksize=16)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def make_runner(model_dir: Path, meta: dict, onnx: bool, device: str):
+    """A function uint8 (B, 3, S, S) -> logits (B, C) as numpy, and the device it runs on."""
+    if onnx:
+        session = export.onnx_session(model_dir / export.ONNX_FILE, device=device)
+        return (lambda batch: export.onnx_logits(session, batch)), session.get_providers()[0]
+    import torch
+
+    from transfer import models, training
+
+    weights = model_dir / "model_fp32.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights}: not found; run `dvc repro convert` first (or pass --model)")
+    dev = training.pick_device(device)
+    net = export.deployable(models.load_model(weights, meta), meta["mean"], meta["std"]).to(dev)
+    net = net.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).pin_memory() if dev.type == "cuda" else torch.from_numpy(batch)
+        with training.autocast(dev, amp=dev.type == "cuda"):
+            return net(x.to(dev, non_blocking=True)).float().cpu().numpy()
+
+    return run, str(dev)
+
+
+def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int, onnx: bool, device: str,
+            workers: int) -> tuple[list[dict], list[str], str]:
+    """Rows (path, status, reason, top-k labels and probabilities) for every file found, the class
+    names, and where the model ran."""
+    meta_file = model_dir / "model.json"
+    if not meta_file.is_file():
+        raise UserError(f"{meta_file}: not found; run `dvc repro` (the convert stage writes it) or pass --model")
+    meta = read_json(meta_file)
+    recipe = meta.get("preprocess", {}).get("recipe")
+    if recipe != export.PREPROCESS["recipe"]:
+        raise UserError(f"{meta_file}: preprocessing {recipe!r} is not one this version knows "
+                        f"({export.PREPROCESS['recipe']!r}); re-run `dvc repro convert`")
+    files = find_images(targets)
+    if not files:
+        raise UserError(f"no image files in {' '.join(targets)}")
+    classes, size = meta["classes"], meta["image_size"]
+    top_k = min(top_k, len(classes))
+    # Decoding starts (and its workers fork) before the model is loaded: no torch thread pool is copied.
+    stream = decoded(files, size, workers)
+    first = next(stream)
+    run, where = make_runner(model_dir, meta, onnx, device)
+    rows: list[dict] = []
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        probs = softmax(run(np.stack([img for _, img in pending])).astype(np.float64))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+        for (i, _), top, p in zip(pending, order, probs):
+            for rank, c in enumerate(top, 1):
+                rows[i][f"label_{rank}"] = classes[c]
+                rows[i][f"prob_{rank}"] = round(float(p[c]), 6)
+        pending.clear()
+
+    bar = cli.progress(None, desc="predict", total=len(files), unit="img")
+    for path, (img, reason) in zip(files, _chain(first, stream)):
+        rows.append(dict(path=str(path), status="ok" if reason is None else "unreadable", reason=reason or ""))
+        if img is not None:
+            pending.append((len(rows) - 1, img))
+            if len(pending) == batch_size:
+                flush()
+        bar.update(1)
+    if pending:
+        flush()
+    bar.close()
+    if not any(r["status"] == "ok" for r in rows):
+        first_reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rows[:3])
+        raise UserError(f"none of the {len(rows)} files could be read ({first_reasons})")
+    return rows, classes, where
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def to_csv(rows: list[dict], top_k: int) -> str:
+    fields = ["path", "status", "reason"] + [f"{kind}_{r}" for r in range(1, top_k + 1) for kind in ("label", "prob")]
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def table(rows: list[dict], top_k: int, limit: int = 40) -> str:
+    """The terminal view: one line per image, top-k as 'label 97.1%'."""
+    shown = rows[:limit]
+    width = min(60, max(len("path"), *(len(r["path"]) for r in shown)))
+    lines = [f"{'path':<{width}}  prediction"]
+    for r in shown:
+        path = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
+        if r["status"] == "ok":
+            guess = ", ".join(f"{r[f'label_{k}']} {100 * r[f'prob_{k}']:.1f}%" for k in range(1, top_k + 1) if f"label_{k}" in r)
+        else:
+            guess = f"UNREADABLE: {r['reason']}"
+        lines.append(f"{path:<{width}}  {guess}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows in the CSV")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.predict", description="Classify images with the exported model.")
+    ap.add_argument("paths", nargs="+", help="image files and folders")
+    ap.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default 3)")
+    ap.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv; '-' for none)")
+    ap.add_argument("--model", default=str(paths.EXPORT_DIR), help=f"the exported model's folder (default {paths.EXPORT_DIR})")
+    ap.add_argument("--onnx", action="store_true", help="run model.onnx with onnxruntime (no torch needed)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    args = ap.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
+        raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0")
+    rows, classes, where = predict(targets=args.paths, model_dir=Path(args.model), top_k=args.top_k,
+                                   batch_size=args.batch_size, onnx=args.onnx, device=args.device,
+                                   workers=args.workers or len(os.sched_getaffinity(0)))
+    top_k = min(args.top_k, len(classes))
+    print(table(rows, top_k))
+    bad = sum(r["status"] != "ok" for r in rows)
+    if args.out != "-":
+        write_text(args.out, to_csv(rows, top_k))
+    print(f"predict: {len(rows) - bad} images classified, {bad} unreadable, on {where}"
+          + (f"; written to {args.out}" if args.out != "-" else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run("predict", main)

@@ -1,0 +1,130 @@
+"""Models for deployment: the classifier with its preprocessing inside, as ONNX and TorchScript,
+each checked against PyTorch; and the ONNX runner `predict --onnx` uses.
+
+An exported model takes what any image library gives after the resize: uint8 RGB (B, 3, S, S) with
+any batch size B, and returns logits; scaling to [0, 1] and the mean/std normalisation are part of
+the graph, so a deployed user cannot get them wrong. How to get from a photo to (3, S, S) is written
+in model.json ("preprocess"), and `predict` applies exactly that.
+
+torch is imported inside the functions that export: the ONNX runner must work where only
+onnxruntime, Pillow and numpy are installed.
+"""
+from __future__ import annotations
+
+import io as _io
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from transfer.cli import UserError
+from transfer.io import write_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+OPSET = 18
+
+# The one preprocessing recipe, named in model.json: transfer.data.decode_file (any Pillow-readable
+# file; EXIF orientation applied; 16-bit scaled, alpha over white, to RGB; shorter side resized to S
+# with bilinear filtering, JPEG drafted down to no less than S first; centre crop to S x S).
+PREPROCESS = {"recipe": "rgb-resize-shorter-bilinear-center-crop", "input": "uint8 RGB (batch, 3, S, S)",
+              "normalisation": "inside the model: x / 255, then (x - mean) / std"}
+
+
+class ExportError(UserError):
+    """An export that does not reproduce the model, or a model that cannot be exported."""
+
+
+def deployable(model: "torch.nn.Module", mean, std) -> "torch.nn.Module":
+    """model wrapped so that it takes uint8 images and normalises them itself, exactly as training did
+    (transfer.training.to_input: x / 255, then (x - mean) / std, in float32)."""
+    import torch
+    from torch import nn
+
+    class Deployable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.float() / 255.0
+            return self.model((x - self.mean) / self.std)
+
+    return Deployable().eval()
+
+
+def export_onnx(net: "torch.nn.Module", path: Path, image_size: int) -> None:
+    """ONNX with a dynamic batch dimension (H and W stay fixed: timm's tf_* models bake their SAME
+    padding in at export size). Written atomically."""
+    import torch
+
+    example = torch.zeros((2, 3, image_size, image_size), dtype=torch.uint8)
+    try:
+        program = torch.onnx.export(net, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                                    opset_version=OPSET, external_data=False, verbose=False, report=False)
+    except Exception as e:  # torch.export raises many types; say which model and where to turn it off
+        raise ExportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "set convert.onnx: false to skip it") from None
+    write_bytes(path, program.model_proto.SerializeToString())
+
+
+def export_torchscript(net: "torch.nn.Module", path: Path, image_size: int) -> None:
+    """TorchScript by tracing (the model has no data-dependent control flow), written atomically."""
+    import torch
+
+    example = torch.zeros((2, 3, image_size, image_size), dtype=torch.uint8)
+    # torch.jit is deprecated upstream in favour of torch.export, but TorchScript is still what C++
+    # (libtorch) and older serving stacks load; the warning is PyTorch's to give, not every stage run's.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                traced = torch.jit.trace(net, (example,), check_trace=False)
+        except Exception as e:
+            raise ExportError(f"TorchScript export failed ({type(e).__name__}: {e}); set convert.torchscript: false "
+                              "to skip it") from None
+        buf = _io.BytesIO()
+        torch.jit.save(traced, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def onnx_session(path: Path, device: str = "auto"):
+    """An onnxruntime session for an exported model (CUDA when asked for or available, else CPU)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu)") from None
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no ONNX model; run `dvc repro convert` with convert.onnx: true")
+    available = ort.get_available_providers()
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        providers.insert(0, "CUDAExecutionProvider")
+    elif device == "cuda":
+        raise UserError("--device cuda: onnxruntime has no CUDA provider here; install onnxruntime-gpu or use cpu")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # warnings about unused initialisers are noise to a user
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def onnx_logits(session, images: np.ndarray) -> np.ndarray:
+    return session.run(["logits"], {"images": np.ascontiguousarray(images, dtype=np.uint8)})[0]
+
+
+def parity(reference: np.ndarray, other: np.ndarray, tolerance: float) -> dict:
+    """How far an export's logits are from PyTorch's: top-1 agreement and the largest logit difference.
+    A top-1 disagreement only passes where PyTorch's own top two are within the tolerance (a tie)."""
+    if len(reference) == 0:
+        return dict(agreement=1.0, max_abs_logit_diff=0.0, real_disagreements=0)
+    agree = reference.argmax(1) == other.argmax(1)
+    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
+    tie = (top2[:, 1] - top2[:, 0]) <= 2 * tolerance
+    return dict(agreement=float(agree.mean()), max_abs_logit_diff=float(np.abs(reference - other).max()),
+                real_disagreements=int((~agree & ~tie).sum()))
