@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io as _io
+import itertools
 import multiprocessing
 import os
 import sys
@@ -126,7 +127,7 @@ def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int,
         pending.clear()
 
     bar = cli.progress(None, desc="predict", total=len(files), unit="img")
-    for path, (img, reason) in zip(files, _chain(first, stream)):
+    for path, (img, reason) in zip(files, itertools.chain([first], stream)):
         rows.append(dict(path=str(path), status="ok" if reason is None else "unreadable", reason=reason or ""))
         if img is not None:
             pending.append((len(rows) - 1, img))
@@ -140,11 +141,6 @@ def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int,
         first_reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rows[:3])
         raise UserError(f"none of the {len(rows)} files could be read ({first_reasons})")
     return rows, classes, where
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def to_csv(rows: list[dict], top_k: int) -> str:

@@ -74,6 +74,7 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
         # never overwrites a row another class keeps.
         with storage.Spool(scratch / "decoded.rows.tmp", (3, image_size, image_size), sum(map(len, pools))) as spool:
             base = 0
+            bar = cli.progress(None, desc="decode source task", total=per_class * len(names), unit="img")
             for label, (name, pool) in enumerate(zip(names, pools)):
                 candidates = [pool[k] for k in rng.permutation(len(pool))]
                 got = 0
@@ -86,6 +87,7 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
                             rows.append(base + k)
                             labels.append(label)
                             got += 1
+                            bar.update(1)
                         else:
                             rejected.append(dict(path=item.ref, reason=reason))
                 base += len(pool)
@@ -95,6 +97,7 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
                     fix = f"lower it to at most {got}" if got >= 2 else "add images or choose other pretrained.train.classes"
                     raise DataError(f"pretrained.train.per_class: {per_class} is more than the {got} readable images of "
                                     f"source class '{name}'; {fix}")
+            bar.close()
             labels, rows = np.array(labels, dtype=np.int64), np.array(rows, dtype=np.int64)
             parts = data.stratified_split(labels, 0.1, 0.0, seed, class_names=names,
                                           fix="raise pretrained.train.per_class to at least 2")
