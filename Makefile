@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test bench data browser
+.PHONY: setup test bench data browser study-scenarios study-backbones
 
 setup: $(BIN)/dvc data browser
 	@echo "ready: run 'source $(VENV)/bin/activate' then 'dvc repro'"
@@ -43,3 +43,10 @@ test:
 
 bench:
 	$(BIN)/python -m benchmarks.run
+
+# The two studies (benchmarks/studies/: table, figure, raw results); see the README.
+study-scenarios:
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.scenarios
+
+study-backbones:
+	$(BIN)/python -m benchmarks.backbones

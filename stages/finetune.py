@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -68,8 +69,10 @@ def param_groups(model: models.Classifier, *, strategy: str, lr: float, backbone
 
 
 def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Path, out_dir: Path,
-                 checkpoint: Path, metrics_path: Path, curves_dir: Path, rank: int = 0) -> dict:
-    """Build the model for p.strategy, train it if the strategy trains, keep the best-val weights."""
+                 checkpoint: Path, metrics_path: Path, curves_dir: Path, rank: int = 0,
+                 timing_path: Path | None = None) -> dict:
+    """Build the model for p.strategy, train it if the strategy trains, keep the best-val weights.
+    Training time per epoch goes to `timing_path` (a log: it varies between identical runs)."""
     f = p.finetune
     device = training.pick_device(p.runtime.device)
     model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
@@ -85,6 +88,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
         # The checkpoint is the resume state: without resume it would be ~1 GB of writes per run for nothing.
         fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device) if f.resume else ""
         train, _ = storage.read_split(prepared_dir, "train")
+        start = time.perf_counter()
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
             val_labels=val["labels"], param_groups=param_groups(model, strategy=p.strategy, lr=f.lr,
@@ -95,6 +99,10 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
             eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
             fingerprint=fingerprint)
+        seconds = time.perf_counter() - start
+        if timing_path is not None and rank == 0:
+            write_json(timing_path, dict(epochs=f.epochs, train_images=len(train["labels"]), seconds=round(seconds, 3),
+                                         seconds_per_epoch=round(seconds / max(1, f.epochs), 3), device=str(device)))
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
     metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"],
                    trainable_params=trainable, total_params=sum(q.numel() for q in model.parameters()))
@@ -127,7 +135,7 @@ def main() -> None:
         metrics = run_finetune(p=p, prepared_dir=paths.PREPARED, backbone_dir=paths.BACKBONE_DIR, head_dir=paths.HEAD_DIR,
                                out_dir=paths.MODEL_DIR, checkpoint=paths.CHECKPOINTS / "finetune.pt",
                                metrics_path=paths.METRICS / "finetune.json", curves_dir=paths.METRICS / "curves" / "finetune",
-                               rank=rank)
+                               rank=rank, timing_path=paths.LOGS / "finetune_timing.json")
     finally:
         training.finish_distributed()
     if rank == 0:

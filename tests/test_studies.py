@@ -77,3 +77,27 @@ def test_scenario_study_runs_as_dvc_experiments_and_writes_table_and_figure(proj
     # A second call finds every cell done: it runs nothing and rebuilds the same table.
     again = scenarios.main([], study=study, project=project, out=out)
     assert again["cells"] == results["cells"]
+
+
+def test_backbone_comparison_measures_every_backbone_and_writes_table_and_figure(tmp_path):
+    from benchmarks import backbones
+
+    setup = dict(data=dict(source="digits", root="unused", classes=[5, 6, 7, 8, 9], image_size=16, train_per_class=8,
+                           eval_per_class=6),
+                 pretrain=dict(classes=[0, 1, 2, 3, 4], per_class=30, epochs=1),
+                 finetune=dict(epochs=1, lr=0.01, batch_size=16), head_epochs=5)
+    rows = [("resnet18", "resnet18", "source"), ("tf_efficientnet_lite0", "timm/tf_efficientnet_lite0", "imagenet")]
+    out = tmp_path / "studies"
+    results = backbones.main(["--workdir", str(tmp_path / "work")], setup=setup, backbones=rows, out=out,
+                             lite0_path=str(lite0_file()))
+    assert [(r["backbone"], r["weights"]) for r in results["rows"]] == [(b, w) for b, _, w in rows]
+    r18, lite = results["rows"]
+    assert r18["params_m"] == 11.18 and r18["feature_dim"] == 512 and lite["feature_dim"] == 1280
+    for r in results["rows"]:
+        assert r["extract_images_per_second"] > 0 and r["finetune_seconds_per_epoch"] > 0
+        assert 0 <= r["feature_extract_test_acc"] <= 1 and 0 <= r["finetune_test_acc"] <= 1
+        assert r["peak_rss_mb_extract"] > 100
+    md = (out / "backbones.md").read_text()
+    assert "| resnet18 | source task (ImageNet not offline) | 11.18 |" in md
+    assert "| tf_efficientnet_lite0 | ImageNet (offline file) |" in md
+    assert (out / "backbones.png").read_bytes()[:4] == b"\x89PNG"
