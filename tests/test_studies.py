@@ -34,7 +34,8 @@ def project(tmp_path):
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, tmp_path / name)
     for folder in ("stages", "transfer", "benchmarks"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        # (not the committed study results: this study must start from nothing)
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results", "studies"))
     write_params(tmp_path, tiny_params())
     shutil.copy(lite0_file(), tmp_path / "data/raw/pretrained/lite0.pth")
     sh(tmp_path, "git", "init", "-q")
