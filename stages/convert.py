@@ -57,7 +57,7 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
         for start in range(0, len(images), batch_size):
             yield images[start:start + batch_size]
 
-    ref_logits = run(reference)
+    ref = run(reference).numpy()
     state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     exports = {"fp32": state}
     kept_fp32 = []
@@ -67,18 +67,15 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     for name, tensors in exports.items():
         path = out_dir / f"model_{name}.safetensors"
         save_tensors(path, tensors, meta={**meta, "dtype": name})
-        logits = run(models.load_model(path, meta))
-        agreement = float((logits.argmax(1) == ref_logits.argmax(1)).float().mean()) if len(images) else 1.0
-        max_diff = float((logits - ref_logits).abs().max()) if len(images) else 0.0
-        metrics[f"{name}_agreement"] = agreement
-        metrics[f"{name}_max_abs_logit_diff"] = max_diff
+        result = export.parity(ref, run(models.load_model(path, meta)).numpy(), tolerance)
+        metrics[f"{name}_agreement"] = result["agreement"]
+        metrics[f"{name}_max_abs_logit_diff"] = result["max_abs_logit_diff"]
         metrics[f"{name}_mb"] = round(path.stat().st_size / 2**20, 3)
     metrics["fp16_kept_fp32_tensors"] = len(kept_fp32)
     if metrics["fp32_agreement"] < 1.0 or metrics["fp32_max_abs_logit_diff"] > 1e-4:
         raise export.ExportError(f"the fp32 export does not reproduce the model's predictions: {metrics}")
 
     net = export.deployable(reference, meta["mean"], meta["std"])
-    ref = ref_logits.numpy()
     checks = {}
     if onnx:
         path = out_dir / export.ONNX_FILE

@@ -17,7 +17,6 @@ import csv
 import io as _io
 import itertools
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0")
     rows, classes, where = predict(targets=args.paths, model_dir=Path(args.model), top_k=args.top_k,
                                    batch_size=args.batch_size, onnx=args.onnx, device=args.device,
-                                   workers=args.workers or len(os.sched_getaffinity(0)))
+                                   workers=data.worker_count(args.workers))
     top_k = min(args.top_k, len(classes))
     print(table(rows, top_k))
     bad = sum(r["status"] != "ok" for r in rows)
