@@ -26,8 +26,12 @@ def test_rows_read_back_exactly_by_slice_index_and_iteration(tmp_path):
     assert torch.equal(imgs[::7], torch.from_numpy(images[::7]))
     assert torch.equal(torch.stack(list(imgs)), torch.from_numpy(images))
     assert torch.equal(split["labels"], torch.arange(50) % 3)
-    with pytest.raises(IndexError):
-        imgs[torch.tensor([50])]
+    # A single index drops the leading dimension, as a tensor's does (it returned (1,3,H,W) before).
+    for key, want in ((7, images[7]), (np.int64(7), images[7]), (torch.tensor(7), images[7]), (-1, images[49])):
+        assert torch.equal(imgs[key], torch.from_numpy(want)), key
+    for bad in (torch.tensor([50]), 50, -51):
+        with pytest.raises(IndexError):
+            imgs[bad]
     # The file is a plain .npy: numpy opens it too.
     assert np.array_equal(np.load(storage.images_file(tmp_path, "train")), images)
 

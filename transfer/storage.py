@@ -140,7 +140,10 @@ class Images:
             with _opened(self.path) as fd:
                 rows = self._read(fd, start, stop)
             return torch.from_numpy(np.ascontiguousarray(rows[::step]) if step != 1 else rows)
+        scalar = isinstance(key, (int, np.integer)) or (torch.is_tensor(key) and key.dim() == 0)
         idx = torch.as_tensor(key).reshape(-1).long()
+        if scalar and len(idx) and idx[0] < 0:  # images[-1], as a tensor allows
+            idx = idx + len(self)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} images")
         out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
@@ -155,7 +158,7 @@ class Images:
                     j += 1
                 out[order[i:j + 1]] = self._read(fd, sorted_idx[i], sorted_idx[j] + 1)
                 i = j + 1
-        return torch.from_numpy(out)
+        return torch.from_numpy(out[0] if scalar else out)
 
     def __iter__(self):
         for start in range(0, len(self), 256):
