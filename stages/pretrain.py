@@ -123,7 +123,8 @@ def train_on_source_task(*, arch: str, image_size: int, task: dict, epochs: int,
         model, train_images=task["train"][0], train_labels=task["train"][1], val_images=task["val"][0],
         val_labels=task["val"][1], param_groups=[{"params": model.parameters(), "lr": lr}], epochs=epochs,
         batch_size=batch_size, momentum=0.9, weight_decay=5e-4, scheduler="cosine", step_size=1, gamma=1.0,
-        augment_pad=2, augment_hflip=True, mean=mean, std=std, device=device, amp=amp, seed=seed)
+        augment_pad=2, augment_hflip=True, mean=mean, std=std, device=device, amp=amp, seed=seed,
+        recalibrate_bn=True)  # a short source task leaves slow-momentum BatchNorm statistics near their init
     state = {k[len("backbone."):]: v for k, v in best.items() if k.startswith("backbone.")}
     return state, dict(source_classes=task["classes"], source_val_accuracy=history[best_epoch - 1]["val_acc"],
                        best_epoch=best_epoch, epochs=epochs, train_images=len(task["train"][1]))

@@ -171,3 +171,53 @@ def test_layer_decay_gives_each_block_lr_times_decay_to_its_depth(arch):
     assert all(q.requires_grad for g in partial for q in g["params"])
     two = param_groups(model, strategy="finetune", lr=0.1, backbone_lr_factor=0.1, arch=arch)  # the simple case
     assert [(g["name"], g["lr"]) for g in two] == [("backbone", pytest.approx(0.01)), ("head", 0.1)]
+
+
+def _brightness_task(n_per_class=64, size=32, seed=0):
+    """Three classes told apart by brightness, with pixel noise: easy for any network whose
+    BatchNorm statistics match its weights, impossible to get right with statistics that do not."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    base = torch.tensor([40.0, 128.0, 215.0])[labels].view(-1, 1, 1, 1)
+    images = (base + 25 * torch.randn(len(labels), 3, size, size, generator=g)).clamp(0, 255).to(torch.uint8)
+    perm = torch.randperm(len(labels), generator=g)
+    return images[perm], labels[perm]
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_batchnorm_recalibration_after_a_short_source_task(recalibrate):
+    """mobilenet_v3_small's BatchNorm momentum is 0.01: after a few steps its running statistics are
+    still near 0 and 1, and in eval mode it scored chance on the backbone study's source task. With
+    recalibration the first BatchNorm holds exactly its input's mean over the training images, and
+    validation works; without it (the control) it does not."""
+    from transfer import training
+
+    torch.manual_seed(0)
+    images, labels = _brightness_task()
+    backbone, dim = models.build_backbone("mobilenet_v3_small", 32)
+    model = models.Classifier(backbone, models.make_head("linear", dim, 3))
+    _, history, _ = training.fit(
+        model, train_images=images[:144], train_labels=labels[:144], val_images=images[144:], val_labels=labels[144:],
+        param_groups=[{"params": model.parameters(), "lr": 0.05}], epochs=2, batch_size=48, momentum=0.9,
+        weight_decay=0.0, scheduler="none", step_size=1, gamma=1.0, augment_pad=0, augment_hflip=False,
+        mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=torch.device("cpu"), amp=False, seed=0,
+        eval_batch_size=48, recalibrate_bn=recalibrate, log=lambda _: None)
+    # What the first BatchNorm sees (its conv's output), averaged over the training images per channel.
+    first_bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    hook = first_bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].mean(dim=(0, 2, 3))))
+    model.eval()
+    with torch.no_grad():
+        model(training.to_input(images[:144], mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
+                                device=torch.device("cpu"), memory_format=torch.contiguous_format))
+    hook.remove()
+    gap = (first_bn.running_mean - seen[0]).abs().max().item()
+    scale = seen[0].abs().max().item()
+    best_val = max(h["val_acc"] for h in history)
+    if recalibrate:
+        assert gap <= 1e-4 * max(scale, 1.0)
+        assert best_val >= 0.9, history
+        assert first_bn.momentum == 0.01 and model.training is False  # settings given back
+    else:
+        assert gap > 0.3 * scale  # the slow momentum left the statistics far from the data
+        assert best_val < 0.6, history

@@ -100,6 +100,13 @@ def test_experiments_rerun_only_what_changed(repo, baseline):
     assert len(names) == 2
     show = dvc(repo, "exp", "show", "--json").stdout
     assert all(f'"name": "{n}"' in show for n in names) and '"strategy": "finetune"' in show
+    # Back to settings already run: every stage comes from DVC's run cache, none re-runs. (train_head
+    # and finetune re-trained every time while their curves were an uncached output.)
+    committed = yaml.safe_load(sh(repo, "git", "show", "HEAD:params.yaml").stdout)
+    r = dvc(repo, "exp", "run", "-S", f"train_head.lr={committed['train_head']['lr']}",
+            "-S", f"strategy={committed['strategy']}")
+    assert ran(r.stdout) == set(), r.stdout
+    assert all(f"Stage '{s}' is cached" in r.stdout for s in ("train_head", "finetune", "evaluate", "convert")), r.stdout
     dvc(repo, "plots", "show", "-o", str(repo / "plots_out"))
     html = (repo / "plots_out" / "index.html").read_text()
     assert "Confusion matrix (test split)" in html and "prediction_grid.png" in html
