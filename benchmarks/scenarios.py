@@ -14,20 +14,28 @@ layers; large + dissimilar -> train from scratch; large + similar -> fine-tune e
   rate picked per domain from a stated grid by validation accuracy (at 50 per class, seed 0), then
   run with seeds 0, 1, 2 at every budget.
 
-Every cell is a DVC experiment (`dvc exp run -S ... evaluate`, in this workspace, so the run cache
-reuses the stages a cell shares with earlier ones), listed by `dvc exp show` and reproducible with
-`dvc exp apply NAME && dvc repro`. Results accumulate in benchmarks/studies/scenarios.json (a killed
-study resumes where it stopped); the table (scenarios.md) and figure (scenarios.png) are written from
-it. At the end the workspace is put back as it was (params.yaml, dvc.lock, metrics, outputs).
+Every cell is a DVC experiment (`dvc exp run -n NAME -S ... evaluate`), listed by `dvc exp show` in
+this project and reproducible with `dvc exp apply NAME && dvc repro`. The cells run in `--workers`
+clones of this project at HEAD (default 2, one per core, each stage with one thread), which share
+this project's DVC cache, so a stage any worker ran is restored from the run cache for every other
+cell that needs it; when the study ends, the experiments are fetched into this project and the
+clones removed. This workspace itself is never touched. Learning-rate tuning cells stop at the stage
+that reports validation accuracy (train_head or finetune); the chosen one is then evaluated like
+every other cell. Results accumulate in benchmarks/studies/scenarios.json (a killed study resumes
+where it stopped); the table (scenarios.md) and figure (scenarios.png) are written from it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import queue
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +81,10 @@ def full_study() -> Study:
 
 
 def cell_params(study: Study, domain: str, budget: int, strategy: str, freeze: int, lr: float, seed: int) -> dict:
-    """Every key a cell sets, the same keys every time: `dvc exp run` in the workspace starts from the
-    previous cell's params.yaml, so nothing may be left to what the last cell set."""
+    """Every key a cell sets, the same keys every time: `dvc exp run` starts from the previous cell's
+    params.yaml in its clone, so nothing may be left to what the last cell set."""
     p = {**study.common, **study.domains[domain], "seed": seed, "data.train_per_class": budget, "strategy": strategy,
-         "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1)}
+         "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1), "runtime.threads": 1}
     if strategy == "feature_extract":
         p.update({"train_head.lr": lr, "finetune.lr": study.lrs[0]})
     else:
@@ -96,56 +104,184 @@ def _read(project: Path, rel: str) -> dict:
     return json.loads((project / rel).read_text())
 
 
-def run_cell(project: Path, name: str, params: dict) -> dict:
-    """One DVC experiment up to evaluate (convert is no part of a study); its metrics."""
-    args = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, "evaluate"]
+def run_cell(project: Path, name: str, params: dict, target: str = "evaluate") -> dict:
+    """One DVC experiment up to `target` (convert is no part of a study); its metrics. Up to evaluate
+    it has a test accuracy; a tuning cell stops where its validation accuracy is known."""
+    args = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, target]
     for key, value in params.items():
         args += ["-S", f"{key}={_yaml(value)}"]
     start = time.perf_counter()
     r = subprocess.run(args, cwd=project, capture_output=True, text=True, env=_env())
     if r.returncode != 0:
-        raise SystemExit(f"scenarios: experiment {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    ev = _read(project, "metrics/evaluate/metrics.json")
-    ft = _read(project, "metrics/finetune.json")
-    head = _read(project, "metrics/train_head.json")
-    val = head["val_acc"] if params["strategy"] == "feature_extract" else ft["val_acc"]
-    return dict(name=name, seconds=round(time.perf_counter() - start, 1), test_acc=ev["accuracy"],
-                macro_f1=ev["macro_f1"], val_acc=val, params=params)
+        raise RuntimeError(f"scenarios: experiment {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    if target == "pretrain":  # a backbone made ahead for later cells: no accuracy on the target task yet
+        val = None
+    elif params["strategy"] == "feature_extract":
+        val = _read(project, "metrics/train_head.json")["val_acc"]
+    else:
+        val = _read(project, "metrics/finetune.json")["val_acc"]
+    out = dict(name=name, seconds=round(time.perf_counter() - start, 1), val_acc=val, params=params, target=target,
+               ran=sorted(set(__import__("re").findall(r"Running stage '(\w+)'", r.stdout))))
+    if target == "evaluate":
+        ev = _read(project, "metrics/evaluate/metrics.json")
+        out.update(test_acc=ev["accuracy"], macro_f1=ev["macro_f1"])
+    return out
 
 
-def run_study(study: Study, project: Path, results_file: Path, log=print) -> dict:
-    """Tune each strategy's lr per domain (at tune_budget, seed 0), then every budget x seed at it."""
-    results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
-    results.setdefault("cells", {})
+@dataclass
+class Job:
+    name: str
+    params: dict
+    target: str
+    meta: dict  # domain, budget, strategy label, lr, seed, kind
 
-    def cell(domain, budget, label, strategy, freeze, lr, seed):
-        name = cell_name(domain, budget, label, lr, seed)
-        if name not in results["cells"]:
-            results["cells"][name] = dict(domain=domain, budget=budget, strategy=label, lr=lr, seed=seed,
-                                          **run_cell(project, name, cell_params(study, domain, budget, strategy, freeze, lr, seed)))
-            results_file.parent.mkdir(parents=True, exist_ok=True)
-            results_file.write_text(json.dumps(results, indent=1, sort_keys=True))
-            c = results["cells"][name]
-            log(f"{name}: test {c['test_acc']:.3f}, val {c['val_acc']:.3f} ({c['seconds']} s)")
-        return results["cells"][name]
 
-    start = time.perf_counter()
-    chosen = results.setdefault("chosen_lr", {})
+def tuning_jobs(study: Study) -> list[Job]:
+    """Phase 1: every (domain, strategy, lr) at the tuning budget and the first seed, stopped at the stage
+    that reports validation accuracy; plus the source-task backbone for every other seed, so that two
+    workers never train the same backbone at once in phase 2."""
+    jobs = []
     for domain in study.domains:
         for label, strategy, freeze in study.strategies:
             grid = study.head_lrs if strategy == "feature_extract" else study.lrs
-            tried = [cell(domain, study.tune_budget, label, strategy, freeze, lr, study.seeds[0]) for lr in grid]
-            best = max(tried, key=lambda c: (c["val_acc"], -c["lr"]))  # ties: the smaller lr
-            chosen[f"{domain}/{label}"] = best["lr"]
-            for budget in study.budgets:
-                for seed in study.seeds:
-                    cell(domain, budget, label, strategy, freeze, best["lr"], seed)
+            for lr in grid:
+                jobs.append(Job(cell_name(domain, study.tune_budget, label, lr, study.seeds[0]) + "-tune",
+                                cell_params(study, domain, study.tune_budget, strategy, freeze, lr, study.seeds[0]),
+                                "train_head" if strategy == "feature_extract" else "finetune",
+                                dict(domain=domain, budget=study.tune_budget, strategy=label, lr=lr, seed=study.seeds[0],
+                                     kind="tune")))
+        if study.domains[domain].get("pretrained.source") == "train":
+            label, strategy, freeze = study.strategies[0]
+            for seed in study.seeds[1:]:
+                lr = (study.head_lrs if strategy == "feature_extract" else study.lrs)[0]
+                jobs.append(Job(f"scn-{domain}-pretrain-s{seed}", cell_params(study, domain, study.tune_budget, strategy,
+                                                                               freeze, lr, seed), "pretrain",
+                                dict(domain=domain, seed=seed, kind="pretrain")))
+    return jobs
+
+
+def study_jobs(study: Study, chosen: dict) -> list[Job]:
+    """Phase 2: every domain x strategy x budget x seed at the chosen lr, largest budgets first (the
+    longest cells start early, so the workers finish together)."""
+    jobs = []
+    for budget in sorted(study.budgets, reverse=True):
+        for seed in study.seeds:
+            for domain in study.domains:
+                for label, strategy, freeze in study.strategies:
+                    lr = chosen[f"{domain}/{label}"]
+                    jobs.append(Job(cell_name(domain, budget, label, lr, seed),
+                                    cell_params(study, domain, budget, strategy, freeze, lr, seed), "evaluate",
+                                    dict(domain=domain, budget=budget, strategy=label, lr=lr, seed=seed, kind="cell")))
+    return jobs
+
+
+class Workers:
+    """`n` clones of the project at HEAD, sharing its DVC cache; run() spreads jobs over them."""
+
+    def __init__(self, project: Path, n: int, log=print):
+        self.project, self.log = project, log
+        self.root = Path(tempfile.mkdtemp(prefix="scenarios-"))
+        self.clones = []
+        cache = _dvc_cache_dir(project)
+        for i in range(n):
+            clone = self.root / f"w{i}"
+            _git(project, "clone", "-q", "--shared", str(project), str(clone))
+            raw = project / "data" / "raw"
+            if raw.exists():  # inputs outside git and DVC (Fashion-MNIST, the Lite0 file)
+                (clone / "data").mkdir(exist_ok=True)
+                (clone / "data" / "raw").symlink_to(raw.resolve(), target_is_directory=True)
+            subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(cache)], cwd=clone,
+                           check=True, capture_output=True, env=_env())
+            self.clones.append(clone)
+
+    def run(self, jobs: list[Job], done: dict, record) -> None:
+        """Each job not in `done`, on the first free clone; record(job, result) is called under a lock.
+        The first failure stops the hand-out of new jobs and is raised once the running ones end."""
+        pending: queue.Queue = queue.Queue()
+        for job in jobs:
+            if job.name not in done:
+                pending.put(job)
+        lock, errors = threading.Lock(), []
+
+        def work(clone: Path) -> None:
+            while not errors:
+                try:
+                    job = pending.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    result = run_cell(clone, job.name, job.params, job.target)
+                except Exception as exc:  # noqa: BLE001 - reported after the other workers stop
+                    errors.append(exc)
+                    return
+                with lock:
+                    record(job, result)
+
+        threads = [threading.Thread(target=work, args=(c,)) for c in self.clones]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def collect(self) -> int:
+        """Fetch every finished experiment from the clones into the project; returns how many."""
+        n = 0
+        for clone in self.clones:
+            refs = [r for r in _git(clone, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+                    if not r.startswith("refs/exps/exec/")]
+            if refs:
+                _git(self.project, "fetch", "-q", str(clone), *[f"+{r}:{r}" for r in refs])
+                n += len(refs)
+        return n
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _dvc_cache_dir(project: Path) -> Path:
+    r = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=project, capture_output=True, text=True,
+                       env=_env(), check=True)
+    return Path(r.stdout.strip()).resolve()
+
+
+def run_study(study: Study, project: Path, results_file: Path, workers: int = 2, log=print) -> dict:
+    """Tune each strategy's lr per domain (at tune_budget, first seed), then every budget x seed at it."""
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
+    results.setdefault("cells", {})
+    results.setdefault("tuning", {})
+
+    def record(job: Job, result: dict) -> None:
+        (results["tuning"] if job.meta["kind"] != "cell" else results["cells"])[job.name] = {**job.meta, **result}
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1, sort_keys=True))
+        accs = [f"{k[:-4]} {result[k]:.3f}" for k in ("test_acc", "val_acc") if result.get(k) is not None]
+        log(f"{job.name}: {', '.join(accs) or 'done'} ({result['seconds']} s; ran {', '.join(result['ran']) or 'nothing'})")
+
+    start = time.perf_counter()
+    pool = Workers(project, workers, log=log)
+    try:
+        pool.run(tuning_jobs(study), results["tuning"], record)
+        chosen = {}
+        for domain in study.domains:
+            for label, _, _ in study.strategies:
+                tried = [c for c in results["tuning"].values()
+                         if c["kind"] == "tune" and c["domain"] == domain and c["strategy"] == label]
+                best = max(tried, key=lambda c: (c["val_acc"], -c["lr"]))  # ties: the smaller lr
+                chosen[f"{domain}/{label}"] = best["lr"]
+        results["chosen_lr"] = chosen
+        pool.run(study_jobs(study, chosen), results["cells"], record)
+        results["experiments_fetched"] = pool.collect()
+    finally:
+        pool.close()
     results["study"] = dict(budgets=study.budgets, seeds=study.seeds, lrs=study.lrs, head_lrs=study.head_lrs,
                             epochs={str(k): v for k, v in study.epochs.items()}, tune_budget=study.tune_budget,
-                            domains=study.domains, common=study.common,
+                            domains=study.domains, common=study.common, workers=workers,
                             strategies=[label for label, _, _ in study.strategies])
     results["seconds_this_run"] = round(time.perf_counter() - start, 1)
-    results["seconds_all_cells"] = round(sum(c["seconds"] for c in results["cells"].values()), 1)
+    everything = list(results["cells"].values()) + list(results["tuning"].values())
+    results["seconds_all_experiments"] = round(sum(c["seconds"] for c in everything), 1)
     results_file.write_text(json.dumps(results, indent=1, sort_keys=True))
     return results
 
@@ -227,35 +363,20 @@ def _git(project: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout
 
 
-def restore(project: Path) -> None:
-    """Put the workspace back at HEAD: params, lock and uncached metrics from git (files HEAD lacks are
-    removed), outputs from DVC's cache."""
-    tracked = _git(project, "ls-tree", "-r", "--name-only", "HEAD", "--", "params.yaml", "dvc.lock", "metrics").split()
-    if tracked:
-        _git(project, "checkout", "HEAD", "--", *tracked)
-    _git(project, "clean", "-fdq", "--", "params.yaml", "dvc.lock", "metrics")
-    subprocess.run([sys.executable, "-m", "dvc", "checkout", "-f", "-q"], cwd=project, capture_output=True, text=True,
-                   env=_env())
-
-
 def main(argv: list[str] | None = None, study: Study | None = None, project: Path = ROOT, out: Path = OUT) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", help="only rebuild the table and figure from the results file")
+    ap.add_argument("--workers", type=int, default=2, help="experiments run at once, each in its own clone (default 2)")
     args = ap.parse_args(argv)
     results_file = out / "scenarios.json"
     if not args.report:
-        if _git(project, "status", "--porcelain", "--", "params.yaml", "dvc.lock").strip():
-            raise SystemExit("scenarios: params.yaml or dvc.lock has uncommitted changes; commit or stash them first "
-                             "(the study runs experiments in this workspace and restores it from HEAD afterwards)")
-        try:
-            results = run_study(study or full_study(), project, results_file)
-        finally:
-            restore(project)
+        results = run_study(study or full_study(), project, results_file, workers=max(1, args.workers))
     results = json.loads(results_file.read_text())
     (out / "scenarios.md").write_text(table(results))
     figure(results, out / "scenarios.png")
     print(table(results))
-    print(f"cells: {len(results['cells'])}, {results.get('seconds_all_cells', 0) / 60:.1f} min of experiments; "
+    print(f"cells: {len(results['cells'])} (+{len(results.get('tuning', {}))} tuning), "
+          f"{results.get('seconds_this_run', 0) / 60:.1f} min wall with {results['study'].get('workers', 1)} workers; "
           f"written {out / 'scenarios.md'} and {out / 'scenarios.png'}")
     return results
 

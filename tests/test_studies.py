@@ -59,9 +59,14 @@ def test_scenario_study_runs_as_dvc_experiments_and_writes_table_and_figure(proj
         strategies=[("feature_extract", "feature_extract", 0), ("partial k=1", "partial", 1)])
     out = project / "benchmarks" / "studies"
     results = scenarios.main([], study=study, project=project, out=out)
-    assert len(results["cells"]) == 4  # 2 domains x 2 strategies x 1 budget x 1 seed (the tuning cell reused)
+    assert len(results["cells"]) == 4  # 2 domains x 2 strategies x 1 budget x 1 seed
+    assert len(results["tuning"]) == 4 and all(t["kind"] == "tune" for t in results["tuning"].values())
     for cell in results["cells"].values():
         assert 0.0 <= cell["test_acc"] <= 1.0 and cell["params"]["data.train_per_class"] == 5
+        # Each cell repeats a tuning run (same settings), which ran in either worker's clone: only what
+        # tuning stopped short of runs; the rest comes from the shared run cache.
+        expected = {"finetune", "evaluate"} if cell["strategy"] == "feature_extract" else {"evaluate"}
+        assert set(cell["ran"]) == expected, cell
     assert results["chosen_lr"] == {"similar/feature_extract": 0.01, "similar/partial k=1": 0.01,
                                     "dissimilar/feature_extract": 0.01, "dissimilar/partial k=1": 0.01}
     md = (out / "scenarios.md").read_text()
@@ -72,7 +77,8 @@ def test_scenario_study_runs_as_dvc_experiments_and_writes_table_and_figure(proj
     shown = json.loads(sh(project, sys.executable, "-m", "dvc", "exp", "show", "--json"))
     text = json.dumps(shown)
     assert all(name in text for name in results["cells"])
-    # The workspace is back at HEAD.
+    assert results["experiments_fetched"] == 8  # 4 tuning + 4 cells, from both clones
+    # The workspace was never touched (the cells ran in clones).
     assert sh(project, "git", "status", "--porcelain", "--", "params.yaml", "dvc.lock") == ""
     assert yaml.safe_load((project / "params.yaml").read_text())["data"]["source"] == "digits"
     # A second call finds every cell done: it runs nothing and rebuilds the same table.
