@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -260,6 +261,17 @@ def run_child(name: str, args, folder: Path) -> dict:
 # ---------------------------------------------------------------- dvc: full repro vs head-only experiment
 
 
+def dvc_env() -> dict:
+    """`python` in dvc.yaml must be this interpreter (the venv's), whether or not it is activated."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                DVC_NO_ANALYTICS="1")
+
+
+def stages_ran(dvc_stdout: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` actually ran (not those restored from the run cache)."""
+    return sorted(set(re.findall(r"Running stage '(\w+)'", dvc_stdout)))
+
+
 def bench_dvc() -> dict:
     """Clone this repository, time `dvc repro` from nothing and then a head-only experiment."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-dvc-"))
@@ -271,7 +283,7 @@ def bench_dvc() -> dict:
             src = ROOT / "data" / "raw" / name
             if src.exists():
                 shutil.copytree(src, repo / "data" / "raw" / name)
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
+        env = dvc_env()
         timings = {}
         for label, args in (("full_repro", ["repro", "-f"]), ("head_only_exp", ["exp", "run", "-S", "train_head.lr=0.02"])):
             start = time.perf_counter()
@@ -279,7 +291,7 @@ def bench_dvc() -> dict:
             if r.returncode != 0:
                 raise SystemExit(f"dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
             timings[label] = time.perf_counter() - start
-            timings[f"{label}_stages"] = sorted(set(__import__("re").findall(r"Running stage '(\w+)'", r.stdout)))
+            timings[f"{label}_stages"] = stages_ran(r.stdout)
             print(f"  dvc {' '.join(args)}: {timings[label]:.1f} s", flush=True)
         return timings
     finally:

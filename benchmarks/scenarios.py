@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import shutil
 import statistics
@@ -40,14 +39,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.run import dvc_env, stages_ran
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "studies"
 
 # (name, strategy, freeze_blocks)
 STRATEGIES = [("feature_extract", "feature_extract", 0), ("finetune", "finetune", 0), ("partial k=1", "partial", 1),
               ("partial k=3", "partial", 3), ("scratch", "scratch", 0)]
-ADVICE = {("small", "similar"): "feature_extract", ("small", "dissimilar"): "partial",
-          ("large", "dissimilar"): "scratch", ("large", "similar"): "finetune"}
 
 
 @dataclass
@@ -111,7 +110,7 @@ def run_cell(project: Path, name: str, params: dict, target: str = "evaluate") -
     for key, value in params.items():
         args += ["-S", f"{key}={_yaml(value)}"]
     start = time.perf_counter()
-    r = subprocess.run(args, cwd=project, capture_output=True, text=True, env=_env())
+    r = subprocess.run(args, cwd=project, capture_output=True, text=True, env=dvc_env())
     if r.returncode != 0:
         raise RuntimeError(f"scenarios: experiment {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     if target == "pretrain":  # a backbone made ahead for later cells: no accuracy on the target task yet
@@ -121,7 +120,7 @@ def run_cell(project: Path, name: str, params: dict, target: str = "evaluate") -
     else:
         val = _read(project, "metrics/finetune.json")["val_acc"]
     out = dict(name=name, seconds=round(time.perf_counter() - start, 1), val_acc=val, params=params, target=target,
-               ran=sorted(set(__import__("re").findall(r"Running stage '(\w+)'", r.stdout))))
+               ran=stages_ran(r.stdout))
     if target == "evaluate":
         ev = _read(project, "metrics/evaluate/metrics.json")
         out.update(test_acc=ev["accuracy"], macro_f1=ev["macro_f1"])
@@ -191,8 +190,8 @@ def study_jobs(study: Study, chosen: dict) -> list[Job]:
 class Workers:
     """`n` clones of the project at HEAD, sharing its DVC cache; run() spreads jobs over them."""
 
-    def __init__(self, project: Path, n: int, log=print):
-        self.project, self.log = project, log
+    def __init__(self, project: Path, n: int):
+        self.project = project
         self.root = Path(tempfile.mkdtemp(prefix="scenarios-"))
         self.clones = []
         cache = _dvc_cache_dir(project)
@@ -204,7 +203,7 @@ class Workers:
                 (clone / "data").mkdir(exist_ok=True)
                 (clone / "data" / "raw").symlink_to(raw.resolve(), target_is_directory=True)
             subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(cache)], cwd=clone,
-                           check=True, capture_output=True, env=_env())
+                           check=True, capture_output=True, env=dvc_env())
             self.clones.append(clone)
 
     def run(self, jobs: list[Job], done: dict, record) -> None:
@@ -255,7 +254,7 @@ class Workers:
 
 def _dvc_cache_dir(project: Path) -> Path:
     r = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=project, capture_output=True, text=True,
-                       env=_env(), check=True)
+                       env=dvc_env(), check=True)
     return Path(r.stdout.strip()).resolve()
 
 
@@ -273,7 +272,7 @@ def run_study(study: Study, project: Path, results_file: Path, workers: int = 2,
         log(f"{job.name}: {', '.join(accs) or 'done'} ({result['seconds']} s; ran {', '.join(result['ran']) or 'nothing'})")
 
     start = time.perf_counter()
-    pool = Workers(project, workers, log=log)
+    pool = Workers(project, workers)
     try:
         pool.run(tuning_jobs(study), results["tuning"], record)
         chosen = {}
@@ -363,13 +362,6 @@ def figure(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _env() -> dict:
-    """`python` in dvc.yaml must be this interpreter (the venv's), whether or not it is activated."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def _git(project: Path, *args: str) -> str:

@@ -53,9 +53,9 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     def run(m):  # fp32 on the CPU: the parity check must not depend on autocast
         return training.predict(m, images, mean=meta["mean"], std=meta["std"], batch_size=batch_size, device=cpu, amp=False)
 
-    def batches():
-        for start in range(0, len(images), batch_size):
-            yield images[start:start + batch_size]
+    def logits_of(forward) -> np.ndarray:  # an export's logits over the same images, batch by batch
+        out = [forward(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, ref.shape[1]), dtype=np.float32)
 
     ref = run(reference).numpy()
     state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
@@ -81,8 +81,7 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
         path = out_dir / export.ONNX_FILE
         export.export_onnx(net, path, meta["image_size"])
         session = export.onnx_session(path, device="cpu")
-        got = np.concatenate([export.onnx_logits(session, b.numpy()) for b in batches()] or [np.zeros((0, ref.shape[1]))])
-        checks["onnx"] = (export.parity(ref, got, tolerance), path)
+        checks["onnx"] = (export.parity(ref, logits_of(lambda b: export.onnx_logits(session, b.numpy())), tolerance), path)
     if torchscript:
         path = out_dir / export.TORCHSCRIPT_FILE
         export.export_torchscript(net, path, meta["image_size"])
@@ -90,8 +89,7 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, see transfer.export
             loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
-            got = np.concatenate([loaded(b).numpy() for b in batches()] or [np.zeros((0, ref.shape[1]))])
-        checks["torchscript"] = (export.parity(ref, got, tolerance), path)
+            checks["torchscript"] = (export.parity(ref, logits_of(lambda b: loaded(b).numpy()), tolerance), path)
     for name, (result, path) in checks.items():
         metrics.update({f"{name}_{k}": v for k, v in result.items()})
     if onnx:  # (not TorchScript's size: it varies with the names PyTorch gives traced classes)

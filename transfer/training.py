@@ -101,7 +101,7 @@ def configure_runtime(*, threads: int, deterministic: bool, seed: int | None = N
         torch.use_deterministic_algorithms(True)
     # cuDNN's autotuner stays off (PyTorch's default), deterministic or not. With it on, an H200
     # searched again for every new input shape, about 6 s each for Lite0 at 224 px: extract's val
-    # split (a new last-batch shape) took 6.0 s, and 0.2 s once padding removed the new shape. A
+    # split (a new last-batch shape) took 6.0 s, the same-shaped test split 0.2 s. A
     # 3-epoch fine-tune with it averaged 18 s per epoch on 2,500 images, where the benchmark's loop
     # (autotuner off) trains at 5,555 img/s. Every stage is a fresh process, so that search would be
     # paid in every stage of every experiment.
