@@ -112,7 +112,7 @@ def run(setup: dict, backbones: list[tuple[str, str, str]], workdir: Path, resul
     d = setup["data"]
     prepare(source=d["source"], root=d["root"], classes=d["classes"], image_size=d["image_size"], val_fraction=0.1,
             test_fraction=0.2, train_per_class=d["train_per_class"], eval_per_class=d["eval_per_class"],
-            max_rejected_fraction=0.05, seed=0, out_dir=prepared, metrics_path=workdir / "prepare.json")
+            max_rejected_fraction=0.05, split_seed=0, out_dir=prepared, metrics_path=workdir / "prepare.json")
     start = time.perf_counter()
     rows = []
     for label, arch, weights in backbones:

@@ -44,7 +44,7 @@ def build_data(folder: Path, image_size: int, train_per_class: int, eval_per_cla
 
     prepare(source=source, root=root, classes=list(classes),
             image_size=image_size, val_fraction=0.1, test_fraction=0.2, train_per_class=train_per_class,
-            eval_per_class=eval_per_class, max_rejected_fraction=0.0, seed=0, out_dir=folder / "prepared",
+            eval_per_class=eval_per_class, max_rejected_fraction=0.0, split_seed=0, out_dir=folder / "prepared",
             metrics_path=folder / "prepare.json")
     for split in ("train", "val"):
         tensors, meta = storage.read_split(folder / "prepared", split)

@@ -2,8 +2,10 @@
 
 Outputs (data/prepared/): {train,val,test}.images.npy (uint8 (N,3,S,S), read by batch through
 transfer.storage) and {train,val,test}.safetensors (labels int64, classes),
-classes.json, manifest.csv (one row per input: split, the split folder it came from, status,
-reason), report.json (how each split was formed, rejections, leaks, notes); metrics/prepare.json.
+classes.json, manifest.csv (one row per input: split, split key, the split folder it came from,
+status, reason), report.json (how each split was formed, rejections, leaks, notes); metrics/prepare.json.
+
+A file's split depends on the file (its key) and data.split_seed alone: see transfer.data.hash_split.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from transfer.params import load_params
 
 def prepare(*, source: str, root: str, classes: list | None, image_size: int, val_fraction: float,
             test_fraction: float, train_per_class: int | None, eval_per_class: int | None,
-            max_rejected_fraction: float, seed: int, out_dir: Path, metrics_path: Path, workers: int = 1,
+            max_rejected_fraction: float, split_seed: int, out_dir: Path, metrics_path: Path, workers: int = 1,
             timing_path: Path | None = None) -> dict:
     """Decode, split and store the dataset; return the counts written to metrics. The decode rate goes
     to `timing_path` (a log: it varies between identical runs, so it is no output)."""
@@ -31,18 +33,24 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     label_of = {name: i for i, name in enumerate(selected)}
     rows = list(collected.skipped)
     kept = []
+
+    def row(item: data.Item, **fields) -> dict:
+        return dict(ref=item.ref, label=item.label, split_key=f"{data.split_key(item.key, split_seed):.6f}",
+                    origin=item.origin, **fields)
+
     for item in collected.items:
         if item.presplit and item.presplit.startswith("excluded:"):
-            rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="excluded", reason=item.presplit[9:]))
+            rows.append(row(item, status="excluded", reason=item.presplit[9:]))
         elif item.label not in selected:
-            rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="excluded", reason="class not in data.classes"))
+            rows.append(row(item, status="excluded", reason="class not in data.classes"))
         else:
             kept.append(item)
 
     plan = dict(val_fraction=val_fraction, test_fraction=test_fraction, train_per_class=train_per_class,
-                eval_per_class=eval_per_class, seed=seed, selected=selected, layout=collected.layout)
+                eval_per_class=eval_per_class, selected=selected, layout=collected.layout)
     # Split sizes are checked on the files found, before the (long) decode, and again on what decoded.
-    plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), **plan)
+    keys = data.split_keys(kept, split_seed)
+    plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), keys, **plan)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Decoded pixels go to a scratch file, not a list: memory stays flat however many images there are.
@@ -52,7 +60,7 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
         stream = cli.progress(data.decode_stream(kept, image_size, workers, spool), desc="decode", total=len(kept), unit="img")
         for k, ((digest, reason), item) in enumerate(zip(stream, kept)):  # the bar first: it closes when its iterator ends
             if reason is not None:
-                rows.append(dict(ref=item.ref, label=item.label, origin=item.origin, status="rejected", reason=reason))
+                rows.append(row(item, status="rejected", reason=reason))
                 continue
             good.append(item)
             rows_of_good.append(k)
@@ -77,14 +85,13 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
         missing = [name for i, name in enumerate(selected) if i not in set(labels.tolist())]
         if missing:
             raise DataError(f"classes {missing} have no readable images; remove them from data.classes or add images")
-        split_of, final, how = plan_splits(good, labels, **plan)
+        split_of, why, final, how = plan_splits(good, labels, keys[rows_of_good], **plan)
         report["splits"] = how
+        report["split_key"] = SPLIT_KEY_RULE.format(split_seed=split_seed)
 
-        for item, split in zip(good, split_of):
+        for item, split, reason in zip(good, split_of, why):
             status = "unused" if split == "unused" else "used"
-            reason = "over the labelled budget or evaluation cap" if status == "unused" else ""
-            rows.append(dict(ref=item.ref, label=item.label, split="" if status == "unused" else split,
-                             origin=item.origin, status=status, reason=reason))
+            rows.append(row(item, split="" if status == "unused" else split, status=status, reason=reason))
 
         used = np.flatnonzero(split_of != "unused")
         report["leaks"] = data.find_leaks([digests[i] for i in used], [split_of[i] for i in used], [good[i].ref for i in used])
@@ -106,71 +113,93 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
     return counts
 
 
-def plan_splits(items: list[data.Item], labels: np.ndarray, *, val_fraction: float, test_fraction: float,
-                train_per_class: int | None, eval_per_class: int | None, seed: int, selected: list[str],
-                layout: dict[str, str]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
-    """Split name per item ("unused" beyond the budget or cap), the kept indices per split, and how
-    each split was formed. Every size problem is a DataError naming the key to change."""
-    split_of, how = _assign_splits(items, labels, val_fraction, test_fraction, seed, selected, layout)
+SPLIT_KEY_RULE = ("each file's split_key, a number in [0, 1): the first 8 bytes of sha256('{split_seed}\\0<key>') "
+                  "/ 2**64 (data.split_seed {split_seed}; key: the path relative to data.root, or '<array file>#<index>')")
+
+
+def plan_splits(items: list[data.Item], labels: np.ndarray, keys: np.ndarray, *, val_fraction: float, test_fraction: float,
+                train_per_class: int | None, eval_per_class: int | None, selected: list[str],
+                layout: dict[str, str]) -> tuple[np.ndarray, list[str], dict[str, np.ndarray], dict[str, str]]:
+    """Split name per item ("unused" beyond the budget or cap) and why, the kept indices per split, and
+    how each split was formed. `keys` are the items' split keys. The budget and the caps keep the
+    lowest split keys of each class, so a smaller one is a subset of a larger one. Every size problem
+    is a DataError naming the key to change."""
+    split_of, why, how = _assign_splits(items, labels, keys, val_fraction, test_fraction, selected, layout)
     in_train = set(labels[split_of == "train"].tolist())
     lacking = [name for i, name in enumerate(selected) if i not in in_train]
     if lacking and len(items):
         raise DataError(f"classes {lacking} have no readable training images ({how['train']}); add training images of "
                         "them or leave them out of data.classes")
-    rng = np.random.default_rng(seed)
     final: dict[str, np.ndarray] = {}
     for split in paths.SPLITS:
         idx = np.flatnonzero(split_of == split)
         if split != "val" and len(idx) == 0:
             raise DataError(f"the {split} split is empty ({how[split]}); add {split} images of the classes in data.classes")
-        cap = train_per_class if split == "train" else eval_per_class
+        cap, key = (train_per_class, "data.train_per_class") if split == "train" else (eval_per_class, "data.eval_per_class")
         if split == "train" and cap is not None:
             have = Counter(labels[idx].tolist())
             short = {selected[c]: n for c, n in sorted(have.items()) if n < cap}
             if short:
                 raise DataError(f"data.train_per_class: {cap} is more than the training images of {short}; "
                                 f"lower it to at most {min(have.values())}, or add images")
-        final[split], dropped = data.take_per_class(idx, labels, cap, rng)
-        split_of[dropped] = "unused"
-    return split_of, final, how
+        if cap is None:
+            final[split] = idx
+            continue
+        rank, of = data.rank_in_class(idx, labels, keys)
+        for i, r, n in zip(idx, rank, of):
+            why[i] += f"; rank {r} of {n} by split_key among its class's {split} files, {'within' if r <= cap else 'over'} {key} {cap}"
+        split_of[idx[rank > cap]] = "unused"
+        final[split] = idx[rank <= cap]
+        how[split] += f"; the {cap} lowest split_keys of each class ({key})"
+    return split_of, why, final, how
 
 
-def _assign_splits(items, labels, val_fraction, test_fraction, seed, selected, layout) -> tuple[np.ndarray, dict[str, str]]:
-    """Pre-split trees keep their folders (test files only ever go to test); what a tree lacks is carved,
-    stratified: val from train/ (or from val/ halved into val and test when there is no test/), and one
-    tree is split by the fractions."""
-    presplit = np.array([item.presplit for item in items], dtype=object)
-    split_of = np.empty(len(items), dtype=object)
+def _assign_splits(items, labels, keys, val_fraction, test_fraction, selected, layout) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """Pre-split trees keep their folders (test files only ever go to test); what a tree lacks is carved
+    by split key: val from train/ (or val/ halved into val and test when there is no test/), and one
+    tree is cut by the fractions."""
+    test_cut = data.Cut("test", test_fraction, f"data.test_fraction {test_fraction:g}")
+    val_cut = data.Cut("val", val_fraction, f"data.val_fraction {val_fraction:g}")
+    at_least_one = ", at least one per class"
     if not layout:
         fix = (f"lower data.val_fraction/data.test_fraction (now {val_fraction:g}/{test_fraction:g}), add images, "
                "or leave the class out of data.classes")
-        for split, idx in data.stratified_split(labels, val_fraction, test_fraction, seed, class_names=selected,
-                                                fix=fix).items():
-            split_of[idx] = split
-        return split_of, {"train": "one tree, stratified", "val": f"{val_fraction:g} of each class",
-                          "test": f"{test_fraction:g} of each class"}
-    split_of[:] = presplit
+        split_of, why = data.hash_split(keys, labels, cuts=[test_cut, val_cut], rest="train", class_names=selected, fix=fix)
+        rules = data.cut_rules([test_cut, val_cut], "train")
+        how = {"train": rules["train"] + at_least_one, "val": rules["val"] + (at_least_one if val_fraction > 0 else ""),
+               "test": rules["test"] + at_least_one}
+        return split_of, why, how
+    presplit = np.array([item.presplit for item in items], dtype=object)
+    split_of = presplit.copy()
+    why = [f"{item.presplit}: in {item.origin}" for item in items]
     how = dict(layout)
     train_idx = np.flatnonzero(presplit == "train")
     if "val" not in layout:
-        carve_test = "test" not in layout
-        fix = (f"lower data.val_fraction{'/data.test_fraction' if carve_test else ''} or add images to {layout['train']}")
-        parts = data.stratified_split(labels[train_idx], val_fraction, test_fraction if carve_test else 0.0, seed,
-                                      class_names=selected, fix=f"in {layout['train']}: {fix}")
-        for split in ("val", "test") if carve_test else ("val",):
-            split_of[train_idx[parts[split]]] = split
-            how[split] = f"carved from {layout['train']} ({(val_fraction if split == 'val' else test_fraction):g} of each class)"
+        cuts = [test_cut, val_cut] if "test" not in layout else [val_cut]
+        fix = (f"lower data.val_fraction{'/data.test_fraction' if len(cuts) == 2 else ''} or add images to {layout['train']}")
+        parts, reasons = data.hash_split(keys[train_idx], labels[train_idx], cuts=cuts, rest="train", class_names=selected,
+                                         fix=f"in {layout['train']}: {fix}", where=f" (in {layout['train']})")
+        split_of[train_idx] = parts
+        for i, reason in zip(train_idx, reasons):
+            why[i] = reason
+        rules = data.cut_rules(cuts, "train")
+        for cut in cuts:
+            how[cut.split] = f"carved from {layout['train']}: {rules[cut.split]}" + (at_least_one if cut.fraction > 0 else "")
     elif "test" not in layout:
         # train/ + val/ only (the ants/bees layout): half of val/ becomes the test split, so the
         # epoch picked on validation is never also the one scored on test.
         val_idx = np.flatnonzero(presplit == "val")
-        parts = data.stratified_split(labels[val_idx], 0.0, 0.5, seed, class_names=selected,
-                                      fix=f"in {layout['val']}: halving it into val and test needs 2 per class; add a test "
-                                          "folder or more validation images")
-        split_of[val_idx[parts["test"]]] = "test"
-        how["val"] = f"half of {layout['val']}"
-        how["test"] = f"the other half of {layout['val']}"
-    return split_of, how
+        half = [data.Cut("test", 0.5, "0.5")]
+        parts, reasons = data.hash_split(keys[val_idx], labels[val_idx], cuts=half, rest="val", class_names=selected,
+                                         fix=f"in {layout['val']}: halving it into val and test needs 2 per class; add a "
+                                             "test folder or more validation images", where=f" (in {layout['val']}, halved)")
+        split_of[val_idx] = parts
+        for i, reason in zip(val_idx, reasons):
+            why[i] = reason
+        rules = data.cut_rules(half, "val")
+        how["val"] = f"half of {layout['val']}: {rules['val']}{at_least_one}"
+        how["test"] = f"the other half of {layout['val']}: {rules['test']}{at_least_one}"
+    return split_of, why, how
 
 
 def main() -> None:
@@ -178,7 +207,7 @@ def main() -> None:
     counts = prepare(source=p.data.source, root=p.data.root, classes=p.data.classes, image_size=p.data.image_size,
                      val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction,
                      train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
-                     max_rejected_fraction=p.data.max_rejected_fraction, seed=p.seed,
+                     max_rejected_fraction=p.data.max_rejected_fraction, split_seed=p.data.split_seed,
                      out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json",
                      workers=data.worker_count(p.runtime.workers), timing_path=paths.LOGS / "prepare_timing.json")
     print(f"prepare: {counts}")

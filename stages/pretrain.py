@@ -54,20 +54,29 @@ def fetch_torchvision(*, arch: str, weights: str, cache_dir: Path) -> tuple[Path
     return path, dict(weights=w.name if hasattr(w, "name") else weights, url=url, mean=mean, std=std)
 
 
-@contextlib.contextmanager
-def source_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, seed: int,
-                max_rejected_fraction: float, scratch: Path, workers: int = 1) -> Iterator[dict]:
-    """The source task: `per_class` readable images of each of `classes`, 90/10 stratified train/val,
-    as prepared splits in `scratch` (read a batch at a time, like prepare's; removed on exit).
+# The order files of a source class are decoded in: a second keyed hash, independent of the split key.
+# Decoding in split-key order would bias the val rule (split_key < 0.1): the first 1,500 of a
+# Fashion-MNIST class's 7,000 files are the keys below about 0.21, and 44-48% of them went to val
+# (classes 0-4, split_seed 0), against 9-11% with this order.
+SOURCE_ORDER_SALT = "source-task order\0"
 
-    Files are decoded in a seeded random order until each class has `per_class` readable images, so an
-    unreadable file is replaced, not silently missing; rejections count against the same
+
+@contextlib.contextmanager
+def source_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, split_seed: int,
+                max_rejected_fraction: float, scratch: Path, workers: int = 1) -> Iterator[dict]:
+    """The source task: `per_class` readable images of each of `classes`, split into train and val, as
+    prepared splits in `scratch` (read a batch at a time, like prepare's; removed on exit).
+
+    Like prepare's splits, which files are used and where they go depend on the files and
+    data.split_seed alone, never on the training seed: files are decoded in the order of a keyed hash
+    until each class has `per_class` readable images (so per_class 500 uses the first 500 of
+    per_class 1500's files, and an unreadable file is replaced, not silently missing); val is those
+    with split_key < 0.1, at least one per class. Rejections count against the same
     data.max_rejected_fraction as in prepare, and a class with too few readable images is an error."""
     collected = data.collect(source, root)
     names = data.resolve_classes(classes, collected.classes, "pretrained.train.classes")
-    rng = np.random.default_rng(seed)
     pools = [[i for i in collected.items if i.label == name] for name in names]
-    rows, labels, rejected, tried = [], [], [], 0
+    rows, labels, keys, rejected, tried = [], [], [], [], 0
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         # Every candidate has its own row in the (sparse) spool, so decoding ahead of what a class needs
@@ -76,7 +85,8 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
             base = 0
             bar = cli.progress(None, desc="decode source task", total=per_class * len(names), unit="img")
             for label, (name, pool) in enumerate(zip(names, pools)):
-                candidates = [pool[k] for k in rng.permutation(len(pool))]
+                order = data.split_keys(pool, split_seed, salt=SOURCE_ORDER_SALT)
+                candidates = [pool[k] for k in data.in_key_order(np.arange(len(pool)), order)]
                 got = 0
                 with contextlib.closing(data.decode_stream(candidates, image_size, workers, spool, first_row=base)) as stream:
                     for k, (item, (_, reason)) in enumerate(zip(candidates, stream)):
@@ -86,6 +96,7 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
                         if reason is None:
                             rows.append(base + k)
                             labels.append(label)
+                            keys.append(data.split_key(item.key, split_seed))
                             got += 1
                             bar.update(1)
                         else:
@@ -99,10 +110,10 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
                                     f"source class '{name}'; {fix}")
             bar.close()
             labels, rows = np.array(labels, dtype=np.int64), np.array(rows, dtype=np.int64)
-            parts = data.stratified_split(labels, 0.1, 0.0, seed, class_names=names,
-                                          fix="raise pretrained.train.per_class to at least 2")
+            split_of, _ = data.hash_split(np.array(keys), labels, cuts=[data.Cut("val", 0.1, "0.1")], rest="train",
+                                          class_names=names, fix="raise pretrained.train.per_class to at least 2")
             for split in ("train", "val"):
-                idx = parts[split]
+                idx = np.flatnonzero(split_of == split)
                 storage.write_split(scratch, split, storage.gather_rows(spool.rows(), rows[idx]), count=len(idx),
                                     image_size=image_size, labels=torch.from_numpy(labels[idx]), meta={"classes": names})
         out = {"classes": names, "rejected": rejected, "tried": tried}
@@ -136,7 +147,8 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0, wor
         return _pretrain(p=p, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=None)
     # Decoded before any model is built: the decode workers fork from a process that has run no torch op.
     with source_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes,
-                     image_size=p.data.image_size, per_class=p.pretrained.train.per_class, seed=p.seed,
+                     image_size=p.data.image_size, per_class=p.pretrained.train.per_class,
+                     split_seed=p.data.split_seed,
                      max_rejected_fraction=p.data.max_rejected_fraction, workers=workers,
                      scratch=paths.PREPARED.parent / f".source_task.rank{rank}.tmp") as task:
         return _pretrain(p=p, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=task)

@@ -1,5 +1,6 @@
 """prepare on messy folders: every file accounted for, bad ones rejected with a reason."""
 import csv
+import hashlib
 import io as _io
 import json
 import shutil
@@ -19,7 +20,7 @@ from transfer.io import load_tensors
 
 def run_prepare(root, out, **kw):
     args = dict(source="imagefolder", root=str(root), classes=None, image_size=8, val_fraction=0.2, test_fraction=0.2,
-                train_per_class=None, eval_per_class=None, max_rejected_fraction=0.5, seed=0,
+                train_per_class=None, eval_per_class=None, max_rejected_fraction=0.5, split_seed=0,
                 out_dir=out / "prepared", metrics_path=out / "metrics.json")
     args.update(kw)
     return prepare(**args)
@@ -30,6 +31,26 @@ def manifest(out):
         rows = list(csv.DictReader(f))
     by_name = {Path(r["ref"]).name: r for r in rows}
     return by_name, rows
+
+
+def split_key(key: str, split_seed: int = 0) -> float:
+    """The README's rule written out again, so the tests check the rule and not the code's own helper."""
+    return int.from_bytes(hashlib.sha256(f"{split_seed}\0{key}".encode()).digest()[:8], "big") / 2 ** 64
+
+
+def by_rule(u: float, *cuts: tuple[str, float], rest: str = "train") -> str:
+    """The split the thresholds give a split key: cuts stacked from 0, e.g. ("test", 0.2), ("val", 0.1)."""
+    top = 0.0
+    for split, fraction in cuts:
+        top += fraction
+        if u < top:
+            return split
+    return rest
+
+
+def splits_of(out, status=("used",)) -> dict[str, str]:
+    """ref -> split of the manifest rows with one of these statuses."""
+    return {r["ref"]: r["split"] for r in manifest(out)[1] if r["status"] in status}
 
 
 def test_messy_folder_every_file_accounted(tmp_path):
@@ -121,7 +142,8 @@ def test_presplit_trees_with_differing_classes_and_leaks(tmp_path):
     counts = run_prepare(root, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "prepared" / "report.json").read_text())
     assert any("class sets differ" in n and "wasps" in n for n in report["notes"])
-    assert report["splits"] == {"train": "train/", "val": "half of val/", "test": "the other half of val/"}
+    assert report["splits"] == {"train": "train/", "val": "half of val/: split_key >= 0.5, at least one per class",
+                                "test": "the other half of val/: split_key < 0.5, at least one per class"}
     assert len(report["leaks"]) == 1 and any("leaked.png" in r for r in report["leaks"][0])
     assert counts["leaked_groups"] == 1
     rows = [r for r in manifest(tmp_path / "out")[1] if "wasps" in r["ref"]]
@@ -223,14 +245,17 @@ def test_train_and_test_folders_without_val(tmp_path, train_name, test_name):
     make_tree(root / test_name, classes=("cat", "dog"), per_class=3, seed=2)
     counts = run_prepare(root, tmp_path / "out", val_fraction=0.2)
     assert json.loads((tmp_path / "out/prepared/classes.json").read_text()) == ["cat", "dog"]
-    assert counts["test_images"] == 6 and counts["val_images"] == 4 and counts["train_images"] == 16
+    assert counts["test_images"] == 6 and counts["val_images"] + counts["train_images"] == 20
     rows = _rows_by_origin(tmp_path / "out")
-    for r in rows:  # test files go to test and nowhere else; val is carved from the training folder
+    for r in rows:  # test files go to test and nowhere else; val is carved from the training folder by split key
         assert r["origin"] == (f"{test_name}/" if f"/{test_name}/" in r["ref"] else f"{train_name}/"), r
         assert (r["split"] == "test") == (r["origin"] == f"{test_name}/"), r
+        if r["origin"] == f"{train_name}/" and "minimum-one" not in r["reason"]:
+            assert r["split"] == by_rule(split_key(str(Path(r["ref"]).relative_to(root))), ("val", 0.2)), r
+    assert {r["label"] for r in rows if r["split"] == "val"} == {"cat", "dog"}  # at least one per class
     report = json.loads((tmp_path / "out/prepared/report.json").read_text())
     assert report["splits"] == {"train": f"{train_name}/", "test": f"{test_name}/",
-                                "val": f"carved from {train_name}/ (0.2 of each class)"}
+                                "val": f"carved from {train_name}/: split_key < data.val_fraction 0.2, at least one per class"}
 
 
 def test_all_three_split_folders_any_case(tmp_path):
@@ -248,8 +273,13 @@ def test_train_folder_alone_is_split_like_one_tree(tmp_path):
     root = tmp_path / "raw"
     make_tree(root / "training", classes=("a", "b", "c"), per_class=10)
     counts = run_prepare(root, tmp_path / "out", val_fraction=0.1, test_fraction=0.2)
-    assert (counts["train_images"], counts["val_images"], counts["test_images"]) == (21, 3, 6)
+    assert counts["train_images"] + counts["val_images"] + counts["test_images"] == 30
     assert json.loads((tmp_path / "out/prepared/classes.json").read_text()) == ["a", "b", "c"]
+    rows = [r for r in manifest(tmp_path / "out")[1] if r["status"] == "used"]
+    assert {(r["label"], r["split"]) for r in rows} == {(c, s) for c in "abc" for s in ("train", "val", "test")}
+    for r in rows:
+        if "minimum-one" not in r["reason"]:
+            assert r["split"] == by_rule(split_key(f"training/{r['label']}/{Path(r['ref']).name}"), ("test", 0.2), ("val", 0.1))
 
 
 @pytest.mark.parametrize("folders, problem", [
@@ -271,20 +301,29 @@ def test_split_names_that_do_not_form_a_layout_stop(tmp_path, folders, problem):
 
 
 def test_small_classes_split_per_class_or_name_the_key(tmp_path):
-    """12 classes x 4 images ended in scikit-learn's ValueError; per-class rounding splits it, and a
-    class too small for every split names it and the keys to change, in one line."""
+    """12 classes x 4 images ended in scikit-learn's ValueError; the minimum-one rule gives every class a
+    file in each split, and a class too small for every split names it and the keys to change, in one line."""
     root = make_tree(tmp_path / "raw", classes=[f"c{i:02d}" for i in range(12)], per_class=4)
     counts = run_prepare(root, tmp_path / "out", val_fraction=0.1, test_fraction=0.2)
-    assert (counts["train_images"], counts["val_images"], counts["test_images"]) == (24, 12, 12)
+    assert counts["train_images"] + counts["val_images"] + counts["test_images"] == 48
+    rows = [r for r in manifest(tmp_path / "out")[1] if r["status"] == "used"]
+    for c in range(12):
+        assert sorted({r["split"] for r in rows if r["label"] == f"c{c:02d}"}) == ["test", "train", "val"], c
+    moved = [r for r in rows if "minimum-one" in r["reason"]]
+    assert moved  # 4 files, 0.2 and 0.1: most classes lack a val file by the thresholds alone
+    for r in rows:
+        u = split_key(f"{r['label']}/{Path(r['ref']).name}")
+        assert f"split_key {u:.6f}" in r["reason"] and (r in moved) == (r["split"] != by_rule(u, ("test", 0.2), ("val", 0.1))), r
     with pytest.raises(DataError) as e:
         run_prepare(root, tmp_path / "out2", val_fraction=0.1, test_fraction=0.2, train_per_class=3)
     assert "data.train_per_class: 3 is more than the training images" in str(e.value)
-    assert "lower it to at most 2" in str(e.value)
+    fewest = min(sum(r["split"] == "train" and r["label"] == f"c{c:02d}" for r in rows) for c in range(12))
+    assert f"lower it to at most {fewest}, or add images" in str(e.value) and fewest < 3
     small = make_tree(tmp_path / "small", classes=("a", "b"), per_class=2)
     with pytest.raises(DataError) as e:
         run_prepare(small, tmp_path / "out3", val_fraction=0.1, test_fraction=0.2)
     msg = str(e.value)
-    assert "class 'a' has 2 images, too few for 3 (1 val, 1 test, 1 train)" in msg
+    assert "class 'a' has 2 images, too few for 3 (1 test, 1 val, 1 train)" in msg
     assert "data.val_fraction/data.test_fraction (now 0.1/0.2)" in msg and "\n" not in msg
     assert not (tmp_path / "out3" / "prepared" / "train.safetensors").exists()
     run_prepare(small, tmp_path / "out4", val_fraction=0.0, test_fraction=0.2)  # what the message suggests works
@@ -387,7 +426,7 @@ def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker
         (root / "a" / f"broken{i}.jpg").write_bytes(b"not a jpeg")
     seen = {}
     for workers in (1, 2):
-        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=95, seed=0,
+        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=95, split_seed=0,
                          max_rejected_fraction=0.1, scratch=tmp_path / f"scratch{workers}", workers=workers) as task:
             images = torch.cat([task[s][0][:] for s in ("train", "val")])
             labels = torch.cat([task[s][1] for s in ("train", "val")])
@@ -399,6 +438,7 @@ def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker
         assert not (tmp_path / f"scratch{workers}").exists()
     assert torch.equal(seen[1][0], seen[2][0]) and torch.equal(seen[1][1], seen[2][1]) and seen[1][2] == seen[2][2]
     with pytest.raises(DataError, match="pretrained.train.per_class: 101 is more than the 100 readable images of source class 'a'"):
-        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=101, seed=0,
+        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=101, split_seed=0,
                          max_rejected_fraction=0.1, scratch=tmp_path / "scratch3", workers=2):
             pass
+

@@ -1,4 +1,4 @@
-"""Datasets in, uint8 tensors out: sources, robust decoding, stratified splits, the manifest.
+"""Datasets in, uint8 tensors out: sources, robust decoding, per-file splits, the manifest.
 
 Every input file or array entry gets one manifest row: used (in a split), unused (over the
 labelled budget or the evaluation cap), excluded (class not selected), ignored (hidden
@@ -45,6 +45,7 @@ class BadImage(Exception):
 class Item:
     ref: str  # file path or "<file>#<index>" for entries of an array file
     label: str  # class name
+    key: str  # what the file's split is derived from: its path relative to data.root (posix), or the ref of an array entry
     presplit: str | None = None  # train/val/test for pre-split folder trees
     origin: str = ""  # the split folder it was read from ("Training/"), empty for one tree
     path: Path | None = None
@@ -143,7 +144,8 @@ def _scan_class_tree(folder: Path, root: Path, presplit: str | None, out: Collec
                 out.skipped.append(dict(ref=ref, label=class_dir.name, split="", status="rejected",
                                         reason=f"not an image extension ({f.suffix or 'none'})"))
             else:
-                out.items.append(Item(ref=ref, label=class_dir.name, presplit=presplit, path=f))
+                out.items.append(Item(ref=ref, label=class_dir.name, key=f.relative_to(root).as_posix(),
+                                      presplit=presplit, path=f))
     for hidden_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(".")):
         for f in sorted(p for p in hidden_dir.rglob("*") if p.is_file()):
             out.skipped.append(dict(ref=str(f), label="", split="", status="ignored", reason="hidden file or folder"))
@@ -282,7 +284,8 @@ def collect_fashion_mnist(root: Path) -> Collected:
         if len(images) != len(labels):
             raise DataError(f"{folder}: {images_name} and {labels_name} disagree in length")
         for i, (img, lab) in enumerate(zip(images, labels)):
-            out.items.append(Item(ref=f"{images_name}#{i}", label=FASHION_MNIST_CLASSES[lab], array=img))
+            ref = f"{images_name}#{i}"
+            out.items.append(Item(ref=ref, label=FASHION_MNIST_CLASSES[lab], key=ref, array=img))
     return out
 
 
@@ -292,7 +295,8 @@ def collect_digits() -> Collected:
     # 8x8 intensities 0..16 -> 0..255 uint8
     images = np.clip(digits.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
     classes = [str(c) for c in digits.target_names]
-    items = [Item(ref=f"sklearn-digits#{i}", label=classes[t], array=img) for i, (img, t) in enumerate(zip(images, digits.target))]
+    items = [Item(ref=f"sklearn-digits#{i}", label=classes[t], key=f"sklearn-digits#{i}", array=img)
+             for i, (img, t) in enumerate(zip(images, digits.target))]
     return Collected(classes=classes, items=items)
 
 
@@ -329,36 +333,93 @@ def resolve_classes(requested: list | None, available: list[str], key: str) -> l
 # ---------------------------------------------------------------- splitting
 
 
-def take_per_class(indices: np.ndarray, labels: np.ndarray, n: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Keep at most n indices per class, chosen at random (seeded); return (kept, dropped)."""
-    if n is None:
-        return indices, indices[:0]
-    kept = []
-    for c in np.unique(labels[indices]):
-        idx = indices[labels[indices] == c]
-        kept.append(rng.permutation(idx)[:n])
-    kept = np.sort(np.concatenate(kept)) if kept else indices[:0]
-    return kept, np.setdiff1d(indices, kept)
+# A file's split is a function of the file alone (its key) and data.split_seed: never of the other
+# files, the classes chosen, the budgets or the training seed, so changing any of those moves no
+# test image, and adding files to a class moves none of the files it had.
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, *,
-                     class_names: list[str], fix: str) -> dict[str, np.ndarray]:
-    """Indices per split, class by class: round(fraction * n) images of each class (at least one when the
-    fraction is above 0) go to test and val, the rest to train. A class too small to give every split an
-    image stops with a DataError naming it; `fix` says which key to change."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+def split_key(key: str, split_seed: int, salt: str = "") -> float:
+    """The file's number in [0, 1): the first 8 bytes of sha256("<split_seed>\\0<salt><key>") over 2**64."""
+    digest = hashlib.sha256(f"{split_seed}\0{salt}{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def split_keys(items: list[Item], split_seed: int, salt: str = "") -> np.ndarray:
+    return np.array([split_key(item.key, split_seed, salt) for item in items], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Cut:
+    split: str
+    fraction: float
+    label: str  # how reasons and report.json name the bound: "data.test_fraction 0.2"
+
+
+def in_key_order(idx: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """idx sorted by split key (ties, which sha256 all but rules out, by position: still deterministic)."""
+    return idx[np.lexsort((idx, u[idx]))]
+
+
+def cut_rules(cuts: list[Cut], rest: str) -> dict[str, str]:
+    """Each split's range of split keys, in words: the "how" of report.json and the reasons' wording."""
+    rules, lo, labels = {}, 0.0, []
+    for cut in cuts:
+        hi = lo + cut.fraction
+        rules[cut.split] = (f"split_key < {cut.label}" if not labels else
+                            f"split_key in [{lo:g}, {hi:g}): {cut.label} above {' + '.join(labels)}")
+        lo, labels = hi, labels + [cut.label]
+    rules[rest] = f"split_key >= {labels[0]}" if len(labels) == 1 else f"split_key >= {lo:g} = {' + '.join(labels)}"
+    return rules
+
+
+def hash_split(u: np.ndarray, labels: np.ndarray, *, cuts: list[Cut], rest: str, class_names: list[str], fix: str,
+               where: str = "") -> tuple[np.ndarray, list[str]]:
+    """The split of each index and why, from its split key u. The cuts stack up from 0 (the first takes
+    u < its fraction, the next the following range); `rest` takes the remainder. Thresholds, not counts:
+    adding files to a class moves none of the others.
+
+    Minimum-one rule, which only classes of a few files meet: when a class has no file in the range of
+    a cut with a fraction above 0, or of `rest`, the cuts of that class move (in split key order) by
+    the fewest files that give each such split one. A class with fewer files than that needs is a
+    DataError naming it; `fix` says what to change."""
+    names = [c.split for c in cuts] + [rest]
+    need = [int(c.fraction > 0) for c in cuts] + [1]
+    bounds = np.cumsum([c.fraction for c in cuts])
+    rules = cut_rules(cuts, rest)
+    split_of, reasons = np.empty(len(u), dtype=object), [""] * len(u)
     for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = max(1, round(len(idx) * test_fraction)) if test_fraction > 0 else 0
-        n_val = max(1, round(len(idx) * val_fraction)) if val_fraction > 0 else 0
-        if len(idx) - n_test - n_val < 1:
-            raise DataError(f"class '{class_names[c]}' has {len(idx)} images, too few for "
-                            f"{n_val + n_test + 1} ({n_val} val, {n_test} test, 1 train); {fix}")
-        out["test"].append(idx[:n_test])
-        out["val"].append(idx[n_test:n_test + n_val])
-        out["train"].append(idx[n_test + n_val:])
-    return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, dtype=np.int64) for k, v in out.items()}
+        idx = in_key_order(np.flatnonzero(labels == c), u)
+        if len(idx) < sum(need):
+            parts = ", ".join(f"{k} {name}" for k, name in zip(need, names) if k)
+            raise DataError(f"class '{class_names[c]}' has {len(idx)} images, too few for {sum(need)} ({parts}); {fix}")
+        by_threshold = np.searchsorted(bounds, u[idx], side="right")  # the split each file's key alone gives
+        ends = np.searchsorted(u[idx], bounds, side="left").tolist() + [len(idx)]
+        start = 0
+        for j, end in enumerate(ends):
+            end = min(max(end, start + need[j]), len(idx) - sum(need[j + 1:]))
+            for k in range(start, end):
+                i = idx[k]
+                split_of[i] = names[j]
+                if by_threshold[k] == j:
+                    reasons[i] = f"{names[j]}: {rules[names[j]].replace('split_key', f'split_key {u[i]:.6f}', 1)}{where}"
+                else:
+                    reasons[i] = (f"{names[j]}: minimum-one rule (a class of a few files): the cuts of class "
+                                  f"'{class_names[c]}' moved so that each split has a file, which took this one "
+                                  f"(split_key {u[i]:.6f}) out of {names[by_threshold[k]]}{where}")
+            start = end
+    return split_of, reasons
+
+
+def rank_in_class(idx: np.ndarray, labels: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of idx (one split's files): its rank by split key among its class's files there (1 =
+    lowest), and how many those are. A budget or cap of k keeps ranks 1..k, so k=5 is within k=50."""
+    rank, of = np.zeros(len(idx), dtype=np.int64), np.zeros(len(idx), dtype=np.int64)
+    position = {i: p for p, i in enumerate(idx.tolist())}
+    for c in np.unique(labels[idx]):
+        ordered = in_key_order(idx[labels[idx] == c], u)
+        for r, i in enumerate(ordered.tolist(), start=1):
+            rank[position[i]], of[position[i]] = r, len(ordered)
+    return rank, of
 
 
 def decode_item(array: np.ndarray | None, path: Path | None, size: int) -> tuple[np.ndarray | None, str | None]:
@@ -432,7 +493,7 @@ def find_leaks(digests: list[str], splits: list[str], refs: list[str]) -> list[l
     return [[f"{s}:{r}" for s, r in group] for group in by_hash.values() if len({s for s, _ in group}) > 1]
 
 
-MANIFEST_FIELDS = ["ref", "label", "split", "origin", "status", "reason"]
+MANIFEST_FIELDS = ["ref", "label", "split", "split_key", "origin", "status", "reason"]
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:

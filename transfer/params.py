@@ -49,15 +49,16 @@ TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (tra
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 
 SCHEMA: dict[str, Any] = {
-    "seed": Field("int", 0, "seed for splits, initialisation, shuffling and augmentation", min=0),
+    "seed": Field("int", 0, "seed for initialisation, shuffling and augmentation (not for splits: data.split_seed)", min=0),
     "strategy": Field("str", "feature_extract", "how the finetune stage adapts the backbone", choices=STRATEGIES),
     "data": {
         "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder")),
         "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
         "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
         "image_size": Field("int", 128, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
-        "val_fraction": Field("float", 0.1, "stratified validation fraction (one tree, or carved from train/ when there is no val folder)", min=0.0, max=0.9),
-        "test_fraction": Field("float", 0.2, "stratified test fraction (single-tree sources); evaluate needs a test split", min=0.01, max=0.9),
+        "val_fraction": Field("float", 0.1, "validation fraction: files with split_key in [test_fraction, test_fraction + val_fraction) (one tree, or carved from train/ when there is no val folder)", min=0.0, max=0.9),
+        "test_fraction": Field("float", 0.2, "test fraction: files with split_key < test_fraction (single-tree sources); evaluate needs a test split", min=0.01, max=0.9),
+        "split_seed": Field("int", 0, "which files go to which split; separate from seed, which drives training", min=0),
         "train_per_class": Field("int", 5, "labelled training images kept per class (the small-data budget); null = all", nullable=True, min=1),
         "eval_per_class": Field("int", 300, "cap on val and test images per class, to keep evaluation quick; null = all", nullable=True, min=1),
         "max_rejected_fraction": Field("float", 0.05, "prepare stops when more than this fraction of input files is unreadable", min=0.0, max=1.0),
