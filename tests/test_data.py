@@ -4,6 +4,7 @@ import hashlib
 import io as _io
 import json
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -442,3 +443,159 @@ def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker
                          max_rejected_fraction=0.1, scratch=tmp_path / "scratch3", workers=2):
             pass
 
+
+# ---------------------------------------------------------------- a split that belongs to the file
+
+
+def run_digits(out, **kw):
+    args = dict(source="digits", classes=[5, 6, 7, 8, 9], image_size=8, train_per_class=5, eval_per_class=15)
+    run_prepare("unused", out, **{**args, **kw})
+    return {r["ref"]: (r["label"], r["split"]) for r in manifest(out)[1] if r["status"] == "used"}
+
+
+@pytest.mark.parametrize("change", [dict(classes=[6, 7, 8, 9]), dict(classes=[5, 6, 7, 8]), dict(train_per_class=None),
+                                    dict(train_per_class=50), dict(eval_per_class=30), dict(eval_per_class=None)])
+def test_no_used_file_changes_split_when_other_data_params_change(tmp_path, change):
+    """One random stream drawn class by class made the test split depend on everything: on digits,
+    train_per_class 5 vs null kept 34 of 75 test images, and dropping class 5 kept 7 of the others' 60.
+    Now the test split is the same whatever the classes and the budget, and a larger budget or cap
+    only adds files (5 within 50 within all)."""
+    base = run_digits(tmp_path / "base")
+    other = run_digits(tmp_path / "other", **change)
+    kept_classes = {str(c) for c in change.get("classes", [5, 6, 7, 8, 9])}
+    base = {ref: v for ref, v in base.items() if v[0] in kept_classes}
+    assert base.items() <= other.items()  # every file used before is used again, in the same split
+    if "eval_per_class" not in change:
+        assert {r for r, v in base.items() if v[1] == "test"} == {r for r, v in other.items() if v[1] == "test"}
+    assert sum(v[1] == "test" for v in base.values()) == 15 * len(kept_classes)
+
+
+def test_the_training_seed_moves_no_file_and_split_seed_does(in_tmp):
+    """prepare read `seed`, so a second training seed was also a second test set: seeds could not be
+    compared on the same images. data.split_seed is now the only seed prepare reads."""
+    from conftest import tiny_params, write_params
+    from stages import prepare as stage
+
+    outputs, test = {}, {}
+    for seed, split_seed in ((0, 0), (7, 0), (0, 1)):
+        write_params(in_tmp, tiny_params(seed=seed, data={"split_seed": split_seed}))
+        stage.main()
+        outputs[seed, split_seed] = {p.name: p.read_bytes() for p in sorted((in_tmp / "data/prepared").iterdir())}
+        test[seed, split_seed] = {r for r, s in splits_of(in_tmp / "data").items() if s == "test"}
+    assert outputs[0, 0] == outputs[7, 0]
+    assert len(test[0, 0]) == len(test[0, 1]) == 75 and len(test[0, 0] & test[0, 1]) < 40  # another sample
+
+
+@pytest.mark.parametrize("caps", [dict(), dict(train_per_class=5, eval_per_class=4)])
+def test_adding_files_to_a_class_moves_none_of_its_files(tmp_path, caps):
+    """New photos of a class reshuffled the whole class. Now a file keeps its split: without caps every
+    file stays where it was (train only gains); with a budget and caps, new files can take the place of
+    old ones (lower split keys come first), but no file moves between train, val and test."""
+    root = make_tree(tmp_path / "raw", classes=("a", "b"), per_class=40)
+    run_prepare(root, tmp_path / "before", **caps)
+    for i in range(40, 60):
+        write_image(root / "a" / f"img{i}.png", seed=5000 + i)
+    run_prepare(root, tmp_path / "after", **caps)
+    before, after = splits_of(tmp_path / "before", ("used", "unused")), splits_of(tmp_path / "after", ("used", "unused"))
+    used_before, used_after = splits_of(tmp_path / "before"), splits_of(tmp_path / "after")
+    assert all(after[ref] == split for ref, split in used_before.items() if ref in used_after)
+    assert {r: s for r, s in used_before.items() if "/b/" in r} == {r: s for r, s in used_after.items() if "/b/" in r}
+    if not caps:
+        assert used_before.items() <= used_after.items()
+        assert len([r for r, s in used_after.items() if s == "train" and "/a/" in r]) > \
+            len([r for r, s in used_before.items() if s == "train" and "/a/" in r])
+    assert len(before) == 80 and len(after) == 100
+
+
+@pytest.mark.parametrize("layout", ["train+val", "train+test"])
+def test_presplit_folders_keep_their_meaning_and_carving_is_per_file(tmp_path, layout):
+    """Folders decide: train/ files only ever train (or carved val), test/ files only test. What is carved
+    (val from train/, test as half of val/) went by one random stream, so dropping a class or adding
+    files moved the others; now it is the file's split key alone."""
+    root = tmp_path / "raw"
+    other = "val" if layout == "train+val" else "test"
+    make_tree(root / "train", classes=("a", "b", "c"), per_class=12, seed=1)
+    make_tree(root / other, classes=("a", "b", "c"), per_class=12, seed=2)
+    runs = {"all": dict(), "no a": dict(classes=["b", "c"])}
+    for name, kw in runs.items():
+        run_prepare(root, tmp_path / name, **kw)
+    for i in range(12, 18):
+        write_image(root / "train" / "b" / f"img{i}.png", seed=7000 + i)
+        write_image(root / other / "b" / f"img{i}.png", seed=8000 + i)
+    run_prepare(root, tmp_path / "added")
+    seen = [splits_of(tmp_path / name) for name in ("all", "no a", "added")]
+    for ref in seen[0]:
+        folder = Path(ref).relative_to(root).parts[0]
+        splits = {s[ref] for s in seen if ref in s}
+        assert len(splits) == 1, (ref, splits)  # the same split in every run that uses the file
+        split = splits.pop()
+        u = split_key(Path(ref).relative_to(root).as_posix())
+        if folder == "test":
+            assert split == "test"
+        elif folder == "val":  # halved: split key below 0.5 to test
+            assert split == by_rule(u, ("test", 0.5), rest="val")
+        elif other == "val":
+            assert split == "train"
+        else:  # no val/: val carved from train/ by data.val_fraction (0.2 in run_prepare)
+            assert split == by_rule(u, ("val", 0.2)), ref
+    for r in manifest(tmp_path / "all")[1]:  # and the manifest says which rule placed each file
+        if r["status"] == "used":
+            folder = Path(r["ref"]).relative_to(root).parts[0]
+            carved = folder == "val" or (folder == "train" and other == "test")
+            why = f"(in {folder}/{', halved' if folder == 'val' else ''})" if carved else f": in {folder}/"
+            assert r["reason"].startswith(f"{r['split']}: ") and r["reason"].endswith(why), r
+
+
+def test_manifest_records_each_files_split_key_and_why(tmp_path):
+    """Used rows had an empty reason and unused ones said 'over the labelled budget or evaluation cap'."""
+    run_prepare("unused", tmp_path / "out", source="digits", classes=[5, 6], image_size=8, val_fraction=0.1,
+                train_per_class=5, eval_per_class=15)
+    rows = manifest(tmp_path / "out")[1]
+    assert set(rows[0]) == set(data.MANIFEST_FIELDS) and "split_key" in rows[0]
+    ranks = defaultdict(list)
+    for r in rows:
+        u = split_key(r["ref"])
+        assert r["split_key"] == f"{u:.6f}", r
+        if r["status"] not in ("used", "unused"):
+            continue
+        pool = by_rule(u, ("test", 0.2), ("val", 0.1))
+        rule = {"test": f"test: split_key {u:.6f} < data.test_fraction 0.2;",
+                "val": f"val: split_key {u:.6f} in [0.2, 0.3): data.val_fraction 0.1 above data.test_fraction 0.2;",
+                "train": f"train: split_key {u:.6f} >= 0.3 = data.test_fraction 0.2 + data.val_fraction 0.1;"}[pool]
+        cap, key = (5, "data.train_per_class") if pool == "train" else (15, "data.eval_per_class")
+        rank, of = (int(x) for x in r["reason"].split("; rank ")[1].split(" by")[0].split(" of "))
+        assert r["reason"] == f"{rule} rank {rank} of {of} by split_key among its class's {pool} files, " \
+                              f"{'within' if r['status'] == 'used' else 'over'} {key} {cap}", r
+        assert (r["status"] == "used") == (rank <= cap) and r["split"] == (pool if r["status"] == "used" else "")
+        ranks[r["label"], pool].append((u, rank))
+    for pairs in ranks.values():  # rank 1 is the lowest split key of the class's files in that split
+        assert [rank for _, rank in sorted(pairs)] == list(range(1, len(pairs) + 1))
+    report = json.loads((tmp_path / "out/prepared/report.json").read_text())
+    assert report["splits"]["test"] == ("split_key < data.test_fraction 0.2, at least one per class; "
+                                        "the 15 lowest split_keys of each class (data.eval_per_class)")
+    assert "sha256('0\\0<key>')" in report["split_key"]
+
+
+def test_source_task_files_and_their_split_belong_to_the_files(tmp_path):
+    """The source task drew its files and its 90/10 split from `seed`: a larger per_class re-split the
+    files it shared with a smaller one. Now per_class 20 uses the first 20 of per_class 40's files in
+    the same split, and val is the files with split_key < 0.1 (at least one per class)."""
+    from stages.pretrain import source_task
+
+    root = make_tree(tmp_path / "raw", classes=("a", "b"), per_class=60)
+    key_of = {data.decode_file(p, 16).tobytes(): p.relative_to(root).as_posix() for p in root.rglob("*.png")}
+    assert len(key_of) == 120  # every image distinct
+    chosen = {}
+    for per_class in (20, 40):
+        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=per_class,
+                         split_seed=0, max_rejected_fraction=0.0, scratch=tmp_path / "scratch") as task:
+            chosen[per_class] = {split: {key_of[img.numpy().tobytes()] for img in task[split][0][:]} for split in ("train", "val")}
+    for split in ("train", "val"):
+        assert chosen[20][split] <= chosen[40][split]
+    for per_class, parts in chosen.items():
+        for c in "ab":
+            mine = {k: split for split, keys in parts.items() for k in keys if k.startswith(f"{c}/")}
+            assert len(mine) == per_class
+            below = {k for k in mine if split_key(k) < 0.1}
+            # the threshold, or the minimum-one rule: the lowest split key when none is below 0.1
+            assert {k for k, s in mine.items() if s == "val"} == (below or {min(mine, key=split_key)})
