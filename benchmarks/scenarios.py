@@ -12,7 +12,9 @@ layers; large + dissimilar -> train from scratch; large + similar -> fine-tune e
 - labelled budgets of 5, 50 and 500 images per class; val and test 100 per class; 32 px;
 - feature_extract, finetune, partial (k = 1 and 3 frozen blocks), scratch; each strategy's learning
   rate picked per domain from a stated grid by validation accuracy (at 50 per class, seed 0), then
-  run with seeds 0, 1, 2 at every budget.
+  run with seeds 0, 1, 2 at every budget. A seed sets both `seed` (initialisation, shuffling,
+  augmentation) and `data.split_seed` (which files are the labelled budget, val and test), so each
+  seed is another labelled sample and test set, the same for every strategy: a paired comparison.
 
 Every cell is a DVC experiment (`dvc exp run -n NAME -S ... evaluate`), listed by `dvc exp show` in
 this project and reproducible with `dvc exp apply NAME && dvc repro`. The cells run in `--workers`
@@ -82,8 +84,9 @@ def full_study() -> Study:
 def cell_params(study: Study, domain: str, budget: int, strategy: str, freeze: int, lr: float, seed: int) -> dict:
     """Every key a cell sets, the same keys every time: `dvc exp run` starts from the previous cell's
     params.yaml in its clone, so nothing may be left to what the last cell set."""
-    p = {**study.common, **study.domains[domain], "seed": seed, "data.train_per_class": budget, "strategy": strategy,
-         "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1), "runtime.threads": 1}
+    p = {**study.common, **study.domains[domain], "seed": seed, "data.split_seed": seed, "data.train_per_class": budget,
+         "strategy": strategy, "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1),
+         "runtime.threads": 1}
     if strategy == "feature_extract":
         p.update({"train_head.lr": lr, "finetune.lr": study.lrs[0]})
     else:
@@ -207,11 +210,14 @@ class Workers:
             self.clones.append(clone)
 
     def run(self, jobs: list[Job], done: dict, record) -> None:
-        """Each job not in `done`, on the first free clone; record(job, result) is called under a lock.
-        The first failure stops the hand-out of new jobs and is raised once the running ones end."""
+        """Each job not in `done` with the same params, on the first free clone; record(job, result) is
+        called under a lock. The first failure stops the hand-out of new jobs and is raised once the
+        running ones end."""
         pending: queue.Queue = queue.Queue()
         for job in jobs:
-            if job.name not in done:
+            # Done means done with these params: a cell recorded before a key was added to cell_params
+            # (data.split_seed) runs again rather than mixing results of two set-ups in one table.
+            if done.get(job.name, {}).get("params") != job.params:
                 pending.put(job)
         lock, errors = threading.Lock(), []
 
