@@ -79,7 +79,7 @@ SCHEMA: dict[str, Any] = {
         "min_loaded_fraction": Field("float", 0.5, "file/url: a load filling less than this fraction of the backbone's tensors is an error", min=0.0, max=1.0),
         "train": {
             "classes": Field("list", [0, 1, 2, 3, 4], "source-task classes of data.source (must not overlap data.classes)", item="int_or_str"),
-            "per_class": Field("int", 1500, "source-task images per class (10% of them, at least 1, validate)", min=2),
+            "per_class": Field("int", 1500, "source-task images per class (those with split_key < 0.1, about 10% and at least one, validate)", min=2),
             "epochs": Field("int", 6, "source-task epochs", min=1),
             "lr": Field("float", 0.05, "source-task SGD learning rate", min=0.0),
             "batch_size": Field("int", 128, "source-task batch size", min=1),
