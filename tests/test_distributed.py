@@ -15,19 +15,24 @@ from transfer.io import load_tensors, read_json
 
 def test_two_processes_match_one(in_tmp):
     params = tiny_params(strategy="finetune", pretrained={"source": "none"},
-                         finetune={"epochs": 2, "batch_size": 16})
+                         finetune={"epochs": 2, "batch_size": 16, "resume": True})
     write_params(in_tmp, params)
     run_pipeline(in_tmp, STAGES[:5])
     one, _ = load_tensors(in_tmp / "models/model/model.safetensors")
     emb_one = (in_tmp / "data/embeddings/val.safetensors").read_bytes()
     one_metrics = read_json(in_tmp / "metrics/finetune.json")
+    assert (in_tmp / "models/checkpoints/finetune.pt").is_file()  # one process's finished run, resumable
 
     params["runtime"]["nproc"] = 2  # the stage relaunches itself as 2 torchrun processes
     write_params(in_tmp, params)
+    out = {}
     for stage in ("extract", "finetune"):
         r = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=in_tmp, capture_output=True, text=True,
                            env={"PYTHONPATH": str(ROOT), "PATH": f"{ROOT / '.venv/bin'}:/usr/bin:/bin"}, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
+        out[stage] = r.stdout
+    # The world size is in the resume fingerprint: 2 processes do not continue 1 process's checkpoint.
+    assert "was written with other settings; starting from epoch 1" in out["finetune"], out["finetune"]
     # extract: each rank embeds its share, rank 0 writes all of it, byte for byte what one process writes
     assert (in_tmp / "data/embeddings/val.safetensors").read_bytes() == emb_one
     # finetune: each rank trains on its slice of the same global batch and DDP averages the gradients, each

@@ -406,6 +406,26 @@ def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
     return best_state, history, best_epoch
 
 
+def _rng_states(device: torch.device, world: int) -> list[dict]:
+    """The global generators' states of every rank, by rank: the CPU's, and on CUDA the rank's GPU's,
+    which dropout draws from there (the mlp head's, torchvision EfficientNet's classifier). Per rank,
+    because each rank draws for its own slice on its own GPU: rank 0's states are not the others'."""
+    import torch.distributed as dist
+
+    mine = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if world == 1:
+        return [mine]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def make_scheduler(optimizer, *, kind: str, epochs: int, step_size: int, gamma: float):
     if kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
@@ -427,8 +447,8 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     weights all use statistics that match the trained weights. Under torchrun the ranks share the
     work and the synchronised BatchNorm layers combine it, so they are identical everywhere.
 
-    With `checkpoint`, the full training state (model, optimizer, scheduler, epoch, RNG states)
-    is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
+    With `checkpoint`, the full training state (model, optimizer, scheduler, epoch, every rank's RNG
+    states) is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
     matches these settings is continued, so a killed run ends exactly as an uninterrupted one.
     """
     import torch.distributed as dist
@@ -462,7 +482,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             optimizer.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            _set_rng_state(state["rng"][rank], device)
             history, best_acc, best_epoch, best_state = state["history"], state["best_acc"], state["best_epoch"], state["best_state"]
             start = state["epoch"] + 1
             log(f"resuming from {checkpoint} after epoch {state['epoch']}")
@@ -521,9 +541,11 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         if score > best_acc:
             best_acc, best_epoch = score, epoch
             best_state = _snapshot(model)
-        if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
-                generator=gen.get_state(), torch_rng=torch.get_rng_state(), history=history, best_acc=best_acc,
-                best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
+        if checkpoint is not None:
+            rng = _rng_states(device, world)  # a collective: every rank takes part
+            if rank == 0:
+                save_checkpoint(checkpoint, dict(
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=sched.state_dict(),
+                    epoch=epoch, generator=gen.get_state(), rng=rng, history=history, best_acc=best_acc,
+                    best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
     return best_state, history, best_epoch
