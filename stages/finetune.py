@@ -86,7 +86,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
         best_state, best_epoch = model.state_dict(), 1
     else:
         # The checkpoint is the resume state: without resume it would be ~1 GB of writes per run for nothing.
-        fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device) if f.resume else ""
+        _, world = training.rank_and_world()
+        fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device, world=world) if f.resume else ""
         train, _ = storage.read_split(prepared_dir, "train")
         start = time.perf_counter()
         best_state, history, best_epoch = training.fit(
@@ -114,11 +115,15 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     return metrics
 
 
-def _fingerprint(p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Path, device: torch.device) -> str:
+def _fingerprint(p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Path, device: torch.device, *,
+                 world: int) -> str:
     """What a resumable checkpoint must match: every setting and input that shapes the training, so a
-    resume never continues a run on other data, weights, settings or device."""
+    resume never continues a run on other data, weights, settings, device or number of processes
+    (`world`, runtime.nproc or torchrun's: the checkpoint holds one RNG state per rank, and the ranks'
+    slices of every batch depend on it). The device by type: under torchrun rank r trains on cuda:r,
+    and every rank must reach the same verdict on the one checkpoint."""
     parts = dict(strategy=p.strategy, finetune={k: v for k, v in p.finetune.items() if k != "resume"}, seed=p.seed,
-                 amp=p.runtime.amp, deterministic=p.runtime.deterministic, device=str(device),
+                 amp=p.runtime.amp, deterministic=p.runtime.deterministic, device=device.type, world=world,
                  eval_batch_size=p.evaluate.batch_size,
                  data={str(f): sha256_file(f) for split in ("train", "val")
                        for f in (storage.images_file(prepared_dir, split), storage.labels_file(prepared_dir, split))},

@@ -89,6 +89,89 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) that autograd can pass through: a sum over ranks has the sum of the ranks'
+    gradients as its gradient. (torch.distributed.nn.functional.all_reduce does this but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """torch.nn.SyncBatchNorm for CPU processes (gloo), where torch's own cannot run: in torch 2.14 its
+    forward raises "SyncBatchNorm expected input tensor to be on GPU or XPU" for CPU tensors, the kernels
+    it calls (torch.batch_norm_stats, batch_norm_gather_stats_with_counts, ...) have no CPU
+    implementation, and DistributedDataParallel refuses any SyncBatchNorm on CPU ("SyncBatchNorm layers
+    only work with GPU modules"), hence a _BatchNorm, not a SyncBatchNorm subclass. Same parameters and
+    buffers, so the same state dict keys. In training under a process group the batch statistics are
+    those of the whole global batch: the per-channel sum and count, then the centred sum of squares
+    (two passes, as stable as one process's), summed over ranks; everything else is _BatchNorm's."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        dims = [0, *range(2, input.dim())]
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        local = torch.cat([input.sum(dims), input.new_full((1,), input.numel() // input.size(1))])
+        total = _AllReduceSum.apply(local)
+        n = float(total[-1].detach())  # values per channel (images x positions), over all ranks
+        if n < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {n:g} over all ranks")
+        mean = total[:-1] / n
+        centred = input - mean.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / n  # biased: what normalises the batch
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():  # as F.batch_norm updates them: the unbiased variance, at the momentum
+                self.num_batches_tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(mean, alpha=f)
+                self.running_var.mul_(1 - f).add_(var * (n / (n - 1)), alpha=f)
+        return out
+
+
+def trains_batchnorm(model: nn.Module) -> bool:
+    """Some BatchNorm layer is in training mode after model.train() (Classifier keeps frozen blocks and,
+    with bn_frozen, every backbone BatchNorm in eval mode), i.e. one that would compute batch statistics."""
+    was = model.training
+    model.train()
+    trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    model.train(was)
+    return trains
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` synchronised over the process group: torch's SyncBatchNorm on GPUs,
+    GlooSyncBatchNorm on the CPU. In place (the root of a Classifier is no BatchNorm); parameters and
+    buffers are shared with the layers replaced, so optimizer groups built beforehand still hold them,
+    and the state dict keys are unchanged (checkpoints and best_state load into the plain model)."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cpu":
+        for m in model.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = GlooSyncBatchNorm  # the same attributes; only forward differs
+    return model
+
+
 def configure_runtime(*, threads: int, deterministic: bool, seed: int | None = None) -> None:
     """Threads, determinism and (for stages that draw random numbers) the seed, once per stage process."""
     if threads:
@@ -219,6 +302,13 @@ def augment(batch: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Gene
     return batch
 
 
+def _share(lo: int, hi: int, *, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous part of rows [lo, hi), as torch.tensor_split divides fit's batches."""
+    q, r = divmod(hi - lo, world)
+    start = lo + rank * q + min(rank, r)
+    return start, start + q + (rank < r)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images, *, mean, std, batch_size: int, device: torch.device, amp: bool,
                           memory_format: torch.memory_format = torch.contiguous_format) -> int:
@@ -229,11 +319,17 @@ def recalibrate_batchnorm(model: nn.Module, images, *, mean, std, batch_size: in
     MobileNetV3 with momentum 0.01, so after a short source task (tens of steps) they are still
     mostly their initial 0 and 1, and everything that runs the model in eval mode (validation,
     frozen features, bn_frozen fine-tuning) normalises with them: mobilenet_v3_small's source task
-    scored exactly chance in validation while its train accuracy rose to 0.68."""
+    scored exactly chance in validation while its train accuracy rose to 0.68.
+
+    Under torchrun with synchronised BatchNorm (see fit), each rank runs its slice of every batch and
+    the layers combine the slices, so every rank ends with the statistics one process computes."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     n = len(images)
     if not bns or n < 2:  # a single image has no batch variance to measure
         return 0
+    rank, world = rank_and_world()
+    # Unsynchronised, every rank runs whole batches: a slice's statistics would be the slice's alone.
+    synced = world > 1 and all(isinstance(m, (nn.SyncBatchNorm, GlooSyncBatchNorm)) for m in bns)
     modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in bns]
     model.eval()  # dropout and the rest as in evaluation; only the BatchNorm layers measure
@@ -244,7 +340,10 @@ def recalibrate_batchnorm(model: nn.Module, images, *, mean, std, batch_size: in
     try:
         # Near-equal contiguous batches, so every batch weighs about the same in the average.
         bounds = torch.linspace(0, n, max(1, math.ceil(n / batch_size)) + 1).round().long().tolist()
-        for chunk in prefetch(lambda i: _host(images[bounds[i]:bounds[i + 1]], device), range(len(bounds) - 1)):
+        spans = list(zip(bounds, bounds[1:]))
+        if synced:
+            spans = [_share(lo, hi, rank=rank, world=world) for lo, hi in spans]
+        for chunk in prefetch(lambda span: _host(images[span[0]:span[1]], device), spans):
             with autocast(device, amp, training=True):
                 model(to_input(chunk, mean=mean, std=std, device=device, memory_format=memory_format))
     finally:
@@ -307,6 +406,26 @@ def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
     return best_state, history, best_epoch
 
 
+def _rng_states(device: torch.device, world: int) -> list[dict]:
+    """The global generators' states of every rank, by rank: the CPU's, and on CUDA the rank's GPU's,
+    which dropout draws from there (the mlp head's, torchvision EfficientNet's classifier). Per rank,
+    because each rank draws for its own slice on its own GPU: rank 0's states are not the others'."""
+    import torch.distributed as dist
+
+    mine = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if world == 1:
+        return [mine]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def make_scheduler(optimizer, *, kind: str, epochs: int, step_size: int, gamma: float):
     if kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
@@ -325,11 +444,11 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
 
     With `recalibrate_bn`, BatchNorm statistics are recomputed over the training images before each
     validation (see recalibrate_batchnorm), so validation, the best-epoch choice and the kept
-    weights all use statistics that match the trained weights. Every rank computes them over the
-    whole split, so they are identical everywhere.
+    weights all use statistics that match the trained weights. Under torchrun the ranks share the
+    work and the synchronised BatchNorm layers combine it, so they are identical everywhere.
 
-    With `checkpoint`, the full training state (model, optimizer, scheduler, epoch, RNG states)
-    is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
+    With `checkpoint`, the full training state (model, optimizer, scheduler, epoch, every rank's RNG
+    states) is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
     matches these settings is continued, so a killed run ends exactly as an uninterrupted one.
     """
     import torch.distributed as dist
@@ -341,7 +460,11 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     if world > 1:
         # Data parallel: every rank draws the same global batch and augmentation (same generator),
         # trains on its own slice, and DDP averages the gradients, so N processes take the steps one
-        # process would take on the whole batch.
+        # process would take on the whole batch. A BatchNorm that trains would normalise each slice by
+        # its own statistics (and keep rank 0's as running statistics): synchronised, it uses the
+        # global batch's, as one process does. Recalibration trains them too (on every rank's share).
+        if recalibrate_bn or trains_batchnorm(model):
+            model = sync_batchnorm(model, device)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log = log if rank == 0 else (lambda _: None)
     optimizer = torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
@@ -359,7 +482,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             optimizer.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            _set_rng_state(state["rng"][rank], device)
             history, best_acc, best_epoch, best_state = state["history"], state["best_acc"], state["best_epoch"], state["best_state"]
             start = state["epoch"] + 1
             log(f"resuming from {checkpoint} after epoch {state['epoch']}")
@@ -384,11 +507,18 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             x = to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
             with autocast(device, amp, training=True):
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
+                if world == 1:
+                    loss = F.cross_entropy(logits.float(), y)
+                else:
+                    # DDP averages the ranks' gradients, so each rank's summed loss is scaled by world / global
+                    # batch: the average is then the gradient of the global batch's mean loss, also where the
+                    # batch splits unevenly (13 images as 7 and 6: the mean of the two slices' means would
+                    # weigh each of the 6 more than each of the 7).
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum") * (world / len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(loss.detach()) * (len(y) if world == 1 else len(idx) / world)  # this slice's summed loss
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
         if world > 1:
@@ -411,9 +541,11 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         if score > best_acc:
             best_acc, best_epoch = score, epoch
             best_state = _snapshot(model)
-        if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
-                generator=gen.get_state(), torch_rng=torch.get_rng_state(), history=history, best_acc=best_acc,
-                best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
+        if checkpoint is not None:
+            rng = _rng_states(device, world)  # a collective: every rank takes part
+            if rank == 0:
+                save_checkpoint(checkpoint, dict(
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=sched.state_dict(),
+                    epoch=epoch, generator=gen.get_state(), rng=rng, history=history, best_acc=best_acc,
+                    best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
     return best_state, history, best_epoch
