@@ -152,11 +152,12 @@ def test_timm_models_build_freeze_and_run(arch, size, dim, n_blocks):
 
 def _one_timm_model_per_family() -> list[str]:
     """One model of each module timm registers models from (a family: metaformer, pit, convnext...),
-    the shortest-named, which is mostly the smallest and quickest to build."""
+    the shortest-named, which is mostly the smallest and quickest to build; and MobileNetV5's encoder,
+    a second class of its module, without the group_matcher of the module's classifier models."""
     import timm
 
     return [min(names, key=lambda n: (len(n), n)) for module in timm.list_modules()
-            if (names := timm.list_models(module=module))]
+            if (names := timm.list_models(module=module))] + timm.list_models("mobilenetv5_*_enc")
 
 
 class _NoRandomInitOnMeta(TorchDispatchMode):
