@@ -43,8 +43,11 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     the stage with the numbers, and the gated exports are deleted."""
     meta = read_json(model_dir / "model.json")
     meta = {**meta, "preprocess": export.PREPROCESS}
+    test, data_meta = storage.read_split(prepared_dir, "test")
+    storage.check_classes(folder=prepared_dir, data_meta=data_meta, model_classes=meta["classes"],
+                          model_file=model_dir / "model.json",
+                          fix="re-run extract, train_head and finetune on this data (dvc repro convert)")
     reference = models.load_model(model_dir / "model.safetensors", meta)
-    test, _ = storage.read_split(prepared_dir, "test")
     images = test["images"][:max_images]
     cpu = torch.device("cpu")
     # Parity needs no large batches: at 512 (evaluate's) Lite0's fp32 activations and onnxruntime's

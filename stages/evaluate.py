@@ -22,8 +22,11 @@ from transfer.params import load_params
 def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_dir: Path, grid_path: Path, grid_images: int,
              batch_size: int, device, amp: bool) -> dict:
     meta = read_json(model_dir / "model.json")
+    test, data_meta = storage.read_split(prepared_dir, "test")
+    storage.check_classes(folder=prepared_dir, data_meta=data_meta, model_classes=meta["classes"],
+                          model_file=model_dir / "model.json",
+                          fix="re-run extract, train_head and finetune on this data (dvc repro evaluate)")
     model = models.load_model(model_dir / "model.safetensors", meta)
-    test, _ = storage.read_split(prepared_dir, "test")
     logits = training.predict(model, test["images"], mean=meta["mean"], std=meta["std"], batch_size=batch_size,
                               device=device, amp=amp, desc="evaluate")
     y_true, y_pred = test["labels"].numpy(), logits.argmax(1).numpy()

@@ -75,9 +75,12 @@ def run_finetune(*, p: Params, prepared_dir: Path, backbone_dir: Path, head_dir:
     Training time per epoch goes to `timing_path` (a log: it varies between identical runs)."""
     f = p.finetune
     device = training.pick_device(p.runtime.device)
+    val, data_meta = storage.read_split(prepared_dir, "val")
     model, meta = build_model(strategy=p.strategy, backbone_dir=backbone_dir, head_dir=head_dir,
                               freeze_blocks=f.freeze_blocks, seed=p.seed, bn_frozen=f.bn_frozen)
-    val, _ = storage.read_split(prepared_dir, "val")
+    storage.check_classes(folder=prepared_dir, data_meta=data_meta, model_classes=meta["classes"],
+                          model_file=head_dir / "head.json",
+                          fix="re-run extract and train_head on this data (dvc repro finetune)")
     mean, std = meta["mean"], meta["std"]
     if p.strategy == "feature_extract":
         logits = training.predict(model, val["images"], mean=mean, std=std, batch_size=p.evaluate.batch_size,

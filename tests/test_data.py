@@ -416,6 +416,29 @@ def test_a_class_named_twice_is_caught(tmp_path):
         data.resolve_classes([0, "T-shirt/top"], data.FASHION_MNIST_CLASSES, "data.classes")
 
 
+def test_integer_classes_are_folder_names_where_such_a_folder_exists(tmp_path):
+    """Class folders 1..10 sort as 1, 10, 2, ...: `classes: [1, 2]` (ints, as YAML reads them) selects the
+    folders 1 and 2, not the second and third folders (10 and 2); an int that names no class is an index.
+    prepare (data.classes) and the source task (pretrained.train.classes) share the rule."""
+    from transfer import params
+
+    root = make_tree(tmp_path / "raw", classes=[str(i) for i in range(1, 11)], per_class=5)
+    available = data.class_names("imagefolder", root)
+    assert available[:3] == ["1", "10", "2"]
+    assert data.resolve_classes([1, 2, 10], available, "data.classes") == ["1", "2", "10"]
+    assert data.resolve_classes([0, "3"], available, "data.classes") == ["1", "3"]  # 0 names no folder: index 0
+    with pytest.raises(DataError, match=r"data.classes: \[0, 1\] names \['1'\] twice"):
+        data.resolve_classes([0, 1], available, "data.classes")
+    run_prepare(root, tmp_path / "out", classes=[1, 2])
+    assert json.loads((tmp_path / "out/prepared/classes.json").read_text()) == ["1", "2"]
+    raw = params.defaults()
+    raw["data"].update(source="imagefolder", root=str(root), classes=[2, 3])
+    raw["pretrained"].update(source="train")
+    raw["pretrained"]["train"]["classes"] = [1, 2]
+    with pytest.raises(params.ParamsError, match=r"overlap on \['2'\]"):
+        params.validate(raw)
+
+
 def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker_count(tmp_path):
     """pretrain's source task decodes into a spool (in parallel from 256 files): every class gets
     per_class readable images, unreadable files are replaced and reported, no row is left unwritten,

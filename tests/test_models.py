@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from transfer import models
 from transfer.models import ModelError
@@ -113,12 +114,14 @@ def test_vgg_pools_through_the_deterministic_module():
 # ---------------------------------------------------------------- timm behind the same interface
 
 # (arch, image size, feature width, blocks): a CNN, a ConvNeXt, an EfficientNet and a small ViT,
-# built without weights; blocks come from each model's own group_matcher, not from a table.
+# built without weights; blocks come from each model's own group_matcher, not from a table. PoolFormer
+# has no group_matcher: its blocks are its top-level children (stem, the four stages, the head's norm).
 TIMM_FAMILIES = [
     ("timm/resnet18", 32, 512, 5),
     ("timm/convnext_atto", 32, 320, 6),
     ("timm/tf_efficientnet_lite0", 32, 1280, 8),
     ("timm/vit_tiny_patch16_224", 32, 192, 13),
+    ("timm/poolformer_s12", 32, 512, 6),
 ]
 
 
@@ -145,6 +148,59 @@ def test_timm_models_build_freeze_and_run(arch, size, dim, n_blocks):
     assert any(q.grad is not None for q in groups[-1])
     mean, std = models.normalisation(arch, backbone)
     assert len(mean) == len(std) == 3
+
+
+def _one_timm_model_per_family() -> list[str]:
+    """One model of each module timm registers models from (a family: metaformer, pit, convnext...),
+    the shortest-named, which is mostly the smallest and quickest to build; and MobileNetV5's encoder,
+    a second class of its module, without the group_matcher of the module's classifier models."""
+    import timm
+
+    return [min(names, key=lambda n: (len(n), n)) for module in timm.list_modules()
+            if (names := timm.list_models(module=module))] + timm.list_models("mobilenetv5_*_enc")
+
+
+class _NoRandomInitOnMeta(TorchDispatchMode):
+    """Initialisers change no value on the meta device (there are none), but some run there through slow
+    Python references (clamp_, which ends timm's trunc_normal_, ~8 ms a call): skipping them halves the
+    time the all-families test takes to build its models."""
+
+    SKIP = {torch.ops.aten.clamp_, torch.ops.aten.normal_, torch.ops.aten.uniform_, torch.ops.aten.erfinv_}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SKIP:
+            return args[0]  # what an in-place op returns
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_timm_family_has_blocks_that_hold_each_parameter_once():
+    """backbone.arch accepts any timm model, so blocks() must work for every family: a non-empty list of
+    blocks, each parameter in exactly one block and named once, and freeze_first_blocks(k=1) freezing
+    exactly the first. Built on the meta device (no weights), as count_blocks does."""
+    names = _one_timm_model_per_family()
+    assert len(names) > 80  # timm 1.0 has about 100 model modules
+    failures = {}
+    for name in names:
+        arch = f"timm/{name}"
+        try:
+            with torch.device("meta"), _NoRandomInitOnMeta():
+                backbone, width = models.build_backbone(arch, 224)
+            blocks = models.blocks(backbone, arch)
+            held = [[id(q) for member in block for q in models._block_member(backbone, member)[1]] for block in blocks]
+            every = [id(q) for q in backbone.parameters()]
+            if not blocks or not all(held):
+                failures[name] = f"empty blocks: {blocks}"
+            elif sorted(q for block in held for q in block) != sorted(every):
+                failures[name] = f"{sum(map(len, held))} parameters named in blocks, the backbone has {len(every)}"
+            fixed = {id(q) for q in backbone.parameters() if not q.requires_grad}  # EfficientViM has one
+            model = models.Classifier(backbone, models.make_head("linear", width, 2))
+            models.freeze_first_blocks(model, arch, 1)
+            frozen = {id(q) for q in backbone.parameters() if not q.requires_grad}
+            if frozen != fixed | set(held[0]):
+                failures[name] = f"freeze_first_blocks(k=1) froze {len(frozen - fixed)} parameters, the first block has {len(held[0])}"
+        except Exception as e:  # collected, so one run names every family that fails
+            failures[name] = f"{type(e).__name__}: {e}"
+    assert not failures, failures
 
 
 def test_timm_normalisation_and_native_size_come_from_pretrained_cfg():

@@ -317,3 +317,27 @@ def test_prediction_grid_samples_every_class():
     idx = grid_indices(labels, 6)
     assert labels[idx].tolist() == [0, 1, 2, 3, 0, 1] and idx.tolist() == [0, 10, 20, 30, 1, 11]
     assert len(grid_indices(np.array([2, 2, 0]), 24)) == 3
+
+
+def test_stages_stop_when_the_prepared_classes_are_not_the_models(in_tmp):
+    """data.classes changed and prepare re-ran, but the head and model are the old ones (a stage run by
+    hand, or dvc repro of one stage): finetune, evaluate and convert each stop with one line naming
+    both class lists, before reading weights or writing anything; the same classes in another order
+    stop too (labels and outputs would be paired under the wrong names)."""
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}))
+    run_pipeline(in_tmp, STAGES[:5])
+    model_before = (in_tmp / "models/model/model.safetensors").read_bytes()
+    old = "['5', '6', '7', '8', '9']"
+    for classes in ([5, 6, 7], [6, 5, 7, 8, 9]):
+        write_params(in_tmp, tiny_params(pretrained={"source": "none"}, data={"classes": classes}))
+        run_stage("prepare")
+        new = str([str(c) for c in classes])
+        for stage, model_file, fix in (("finetune", "models/head/head.json", "(dvc repro finetune)"),
+                                       ("evaluate", "models/model/model.json", "(dvc repro evaluate)"),
+                                       ("convert", "models/model/model.json", "(dvc repro convert)")):
+            msg = stage_error(stage)
+            assert msg.startswith(f"{stage}: data/prepared holds classes {new}, but {model_file} was trained on {old}; "
+                                  "re-run "), msg
+            assert msg.endswith(f"on this data {fix}"), msg
+    assert (in_tmp / "models/model/model.safetensors").read_bytes() == model_before
+    assert not (in_tmp / "metrics/evaluate").exists() and not (in_tmp / "models/export").exists()

@@ -312,12 +312,16 @@ def collect(source: str, root: str | Path) -> Collected:
 
 
 def resolve_classes(requested: list | None, available: list[str], key: str) -> list[str]:
-    """Class names from a list of names or indices into `available`."""
+    """Class names from a list of names or indices into `available`. Names win: an int whose str() is a
+    class name selects that class (YAML reads a folder named 10 as the int 10), and any other int is an
+    index into `available`."""
     if requested is None:
         return list(available)
     names = []
     for c in requested:
-        if isinstance(c, int) and 0 <= c < len(available):
+        if isinstance(c, int) and str(c) in available:
+            names.append(str(c))
+        elif isinstance(c, int) and 0 <= c < len(available):
             names.append(available[c])
         elif isinstance(c, str) and c in available:
             names.append(c)

@@ -184,20 +184,79 @@ def build_classifier(meta: dict) -> Classifier:
 
 
 def _timm_blocks(backbone: nn.Module) -> list[list[str]]:
-    """timm's own coarse layer groups (group_matcher), as owner modules of their parameters; a
-    parameter held by the model itself (a ViT's cls_token, pos_embed) stays a parameter name."""
+    """timm's own coarse layer groups (group_matcher) where the model has usable ones, else one block
+    per top-level child that holds parameters (_children_blocks)."""
     from timm.models import group_parameters
 
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
-    out = []
-    for gid in sorted(groups):
-        names = []
-        for param in groups[gid]:
-            owner = param.rpartition(".")[0] or param
-            if owner not in names:
-                names.append(owner)
-        out.append(names)
+    try:
+        # Some timm models have no group_matcher (MetaFormer, PiT, CSATv2, MobileNetV5's encoder) and
+        # some raise from it (RDNet asserts coarse=True is not implemented): any of these means "no
+        # groups", not a crash of the stage that froze blocks.
+        groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        by_name = dict(backbone.named_parameters())
+        groups = [[by_name[name] for name in groups[gid]] for gid in sorted(groups)]
+    except Exception:
+        groups = []
+    if not groups:
+        return _children_blocks(backbone)
+    return _exact_names(backbone, groups)
+
+
+def _exact_names(backbone: nn.Module, groups: list[list[nn.Parameter]]) -> list[list[str]]:
+    """Each group of parameters as the fewest names that hold exactly those parameters: a module whose
+    parameters all lie in the group (its parent's do not), otherwise a parameter name. Naming the module
+    that owns each parameter is not exact: Qwen3-ViT's encoder owns pos_embed, so the first group held
+    the whole encoder and freeze_blocks: 1 froze every transformer block. A module shared under two
+    names (CoaT's position encodings) is named once, where module order meets it first."""
+    group_of = {id(q): i for i, params in enumerate(groups) for q in params}
+    out: list[list[str]] = [[] for _ in groups]
+    named: set[int] = set()
+
+    def visit(path: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+        if all(id(q) in named for q in params):
+            return
+        held = {group_of[id(q)] for q in params}
+        if path and len(held) == 1 and not any(id(q) in named for q in params):
+            out[held.pop()].append(path)
+            named.update(id(q) for q in params)
+            return
+        for name, q in module.named_parameters(recurse=False):
+            if id(q) not in named:
+                out[group_of[id(q)]].append(f"{path}.{name}" if path else name)
+                named.add(id(q))
+        for name, child in module.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", backbone)
     return out
+
+
+def _children_blocks(backbone: nn.Module) -> list[list[str]]:
+    """One block per top-level child that holds parameters, in module order, with a top-level sequence of
+    stages or blocks split into its members, as timm's coarse groups split them. Parameters of the model
+    itself (PiT's cls_token and pos_embed) belong to the input end: the first block."""
+    out = []
+    for name, child in backbone.named_children():
+        members = [(f"{name}.{n}", m) for n, m in child.named_children()] if _is_sequence_of_stages(child) else [(name, child)]
+        out += [[path] for path, m in members if _holds_parameters(m)]
+    own = [name for name, _ in backbone.named_parameters(recurse=False)]
+    if own:
+        out = [own + out[0]] + out[1:] if out else [own]
+    return out
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _is_sequence_of_stages(module: nn.Module) -> bool:
+    """A Sequential or ModuleList whose members (those with parameters) are composite modules: stages or
+    blocks, to be split; not a stem's conv and norm, which stay one block."""
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+        return False
+    members = [m for m in module.children() if _holds_parameters(m)]
+    return bool(members) and all(next(m.children(), None) is not None for m in members)
 
 
 def normalisation(arch: str, backbone: nn.Module) -> tuple[tuple, tuple]:

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from transfer.cli import UserError
 from transfer.io import atomic_open, load_tensors, save_tensors
 
 
@@ -181,3 +182,17 @@ def read_split(folder: Path, split: str) -> tuple[dict, dict]:
     if len(images) != len(tensors["labels"]):
         raise ValueError(f"{folder}/{split}: {len(images)} images but {len(tensors['labels'])} labels; re-run prepare")
     return {"images": images, "labels": tensors["labels"]}, meta
+
+
+class ClassMismatchError(UserError):
+    """The prepared data's classes are not the classes a model or head was trained on."""
+
+
+def check_classes(*, folder: Path, data_meta: dict, model_classes: list[str], model_file: Path, fix: str) -> None:
+    """Stop unless the prepared split's class list (data_meta, from read_split) equals the model's, order
+    included: labels index the one and outputs the other, so after data.classes changed without the
+    later stages re-running, scores and predictions would be silently reported under the wrong names."""
+    data_classes = list(data_meta.get("classes", []))
+    if data_classes != list(model_classes):
+        raise ClassMismatchError(f"{folder} holds classes {data_classes}, but {model_file} was trained on "
+                                 f"{list(model_classes)}; {fix}")
