@@ -8,15 +8,25 @@ there is one. Unreadable files are listed in the output with the reason, never a
 code is 2 only when nothing could be read. With --onnx the model runs in onnxruntime from
 model.onnx, and torch is never imported: a deployment needs onnxruntime, Pillow and numpy only.
 
+Every path given gets a row, or its images do: a broken link, a symlink loop, a file that cannot
+be opened and a folder with no images are rows with the reason. Folders are searched through
+links to other folders, each real folder once, so a link back up the tree cannot loop. File names
+are written as UTF-8 whatever their bytes: a byte that is not part of valid UTF-8 is shown as
+\\xNN (Python's backslashreplace), in the CSV and the printed table alike, so a name the file
+system allows never stops the output (a name that literally contains "\\xNN" reads the same).
+
 Not a DVC stage: it reads the pipeline's last output and writes where --out says.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io as _io
 import itertools
 import multiprocessing
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -30,25 +40,86 @@ from transfer.io import read_json, write_text
 
 def find_images(targets: list[str]) -> list[Path]:
     """Files named on the command line, and the image files under folders named, in a stable order.
-    A named file is always tried (its decode says why it is unreadable); a missing path is an entry too."""
+    A named file is always tried (its decode says why it is unreadable), and so is a missing path or a
+    folder without image files; inside folders, so is a link that leads nowhere, whatever its name
+    (it could have been an image or a folder), and a sub-folder that cannot be listed."""
     out: list[Path] = []
     for target in targets:
         path = Path(target)
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_EXTS
-                              and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+            found: list[Path] = []
+            _search(path, found, seen=set())
+            out.extend(sorted(found) or [path])
         else:
             out.append(path)
     return out
 
 
+def _search(folder: Path, found: list[Path], seen: set[tuple[int, int]]) -> None:
+    """Add the entries of `folder` to try, recursively. Links to folders are followed (a photo library
+    is often one), each real folder once by device and inode: a link back up the tree adds nothing."""
+    try:
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError:
+        found.append(folder)  # its row says why (permission denied, ...)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        try:
+            is_dir = entry.is_dir()  # follows a link
+        except OSError:
+            is_dir = False
+        if is_dir:
+            _search(path, found, seen)
+        elif path.suffix.lower() in data.IMAGE_EXTS or (entry.is_symlink() and not os.path.exists(path)):
+            found.append(path)
+
+
+def shown(path: Path | str) -> str:
+    """A path as text any UTF-8 writer accepts: bytes of the name that are not UTF-8 (which Python
+    carries as lone surrogates) become \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _problem(path: Path) -> str | None:
+    """Why `path` cannot be an image file, found before Pillow tries (which would call a link to
+    nowhere 'truncated', and wait forever on a named pipe); None if it can be opened."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.listdir(path)
+            return "a folder with no image files"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (a pipe, socket or device)"
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            if os.path.islink(path):
+                return f"broken link (its target {shown(os.readlink(path))} does not exist)"
+            return "no such file"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+        return f"cannot be opened: {e.strerror}"
+    return None
+
+
 def _decode(job: tuple[Path, int]) -> tuple[np.ndarray | None, str | None]:
     path, size = job
-    if not path.exists():
-        return None, "no such file"
-    if path.is_dir():
-        return None, "a folder with no image files"
-    return data.decode_item(None, path, size)
+    problem = _problem(path)
+    if problem:
+        return None, problem
+    img, reason = data.decode_item(None, path, size)
+    # Pillow's messages can quote the name, bytes and all.
+    return img, reason and reason.encode("utf-8", "backslashreplace").decode()
 
 
 def decoded(files: list[Path], size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
@@ -106,7 +177,7 @@ def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int,
                         f"({export.PREPROCESS['recipe']!r}); re-run `dvc repro convert`")
     files = find_images(targets)
     if not files:
-        raise UserError(f"no image files in {' '.join(targets)}")
+        raise UserError(f"no image files in {' '.join(map(shown, targets))}")
     classes, size = meta["classes"], meta["image_size"]
     top_k = min(top_k, len(classes))
     # Decoding starts (and its workers fork) before the model is loaded: no torch thread pool is copied.
@@ -127,7 +198,7 @@ def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int,
 
     bar = cli.progress(None, desc="predict", total=len(files), unit="img")
     for path, (img, reason) in zip(files, itertools.chain([first], stream)):
-        rows.append(dict(path=str(path), status="ok" if reason is None else "unreadable", reason=reason or ""))
+        rows.append(dict(path=shown(path), status="ok" if reason is None else "unreadable", reason=reason or ""))
         if img is not None:
             pending.append((len(rows) - 1, img))
             if len(pending) == batch_size:
@@ -185,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
                                    batch_size=args.batch_size, onnx=args.onnx, device=args.device,
                                    workers=data.worker_count(args.workers))
     top_k = min(args.top_k, len(classes))
-    print(table(rows, top_k))
+    # Names are UTF-8 by now (shown()); a terminal in another encoding gets \xNN for what it lacks.
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(table(rows, top_k).encode(encoding, "backslashreplace").decode(encoding))
     bad = sum(r["status"] != "ok" for r in rows)
     if args.out != "-":
         write_text(args.out, to_csv(rows, top_k))

@@ -1,6 +1,7 @@
 """What a user sees when something is wrong: one line naming the stage and what to do, exit code 2,
 no traceback, for each kind of user error; and progress bars that stay short in logs."""
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,26 @@ def test_a_user_error_under_torchrun_is_still_one_line(tmp_path):
     """With runtime.nproc: 2 the error happens in both ranks; torchrun's failure report is dropped."""
     write_params(tmp_path, tiny_params(runtime={"nproc": 2}))
     assert_one_line(stage(tmp_path, "extract"), "extract", "not found")
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_the_space(tmp_path):
+    """The disk fills while prepare writes the train split (its writer's fault point raises ENOSPC, as a
+    full disk does): one line with the output, the space it needed and the space free; no temporary files."""
+    write_params(tmp_path, tiny_params())
+    r = stage(tmp_path, "prepare", TRANSFER_FAULT="enospc-mid-write:train.images.npy", TRANSFER_PROGRESS="0")
+    line = assert_one_line(r, "prepare", "could not write data/prepared/train.images.npy: no space left on device")
+    assert re.search(r"\(needed ~[\d.]+ kB, [\d.]+ [kMG]B free on /[^)]*\); free some space there and re-run$", line), line
+    assert not [p.name for p in (tmp_path / "data/prepared").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_met_by_another_writer_is_one_line_too(tmp_path):
+    """A library writing its own file (DVCLive, matplotlib) gets the same treatment, without the sizes."""
+    code = ("import errno, os\nfrom transfer import cli\n"
+            "def main():\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'metrics/curves/acc.tsv')\n"
+            "cli.run('finetune', main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert_one_line(r, "finetune", "could not write metrics/curves/acc.tsv: no space left on device; free some space")
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):

@@ -439,17 +439,39 @@ def test_integer_classes_are_folder_names_where_such_a_folder_exists(tmp_path):
         params.validate(raw)
 
 
-def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker_count(tmp_path):
-    """pretrain's source task decodes into a spool (in parallel from 256 files): every class gets
-    per_class readable images, unreadable files are replaced and reported, no row is left unwritten,
-    and 1 or 2 workers give the same images."""
+def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker_count(tmp_path, monkeypatch):
+    """pretrain's source task decodes into a spool, in parallel from data.POOL_MIN_FILES files (lowered
+    here, so that classes of ~100 tiny files use a pool): every class gets per_class readable images,
+    unreadable files are replaced and reported, no row is left unwritten, and 1 or 2 workers give the
+    same images. The pools started are counted: a comparison of two inline decodes would prove nothing."""
+    import multiprocessing
+
     from stages.pretrain import source_task
 
+    started = []
+    real_context = multiprocessing.get_context
+
+    class Counting:
+        """A multiprocessing context that records the size of each Pool it starts."""
+
+        def __init__(self, method=None):
+            self.ctx = real_context(method)
+
+        def Pool(self, processes=None, *args, **kw):
+            started.append(processes)
+            return self.ctx.Pool(processes, *args, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.ctx, name)
+
+    monkeypatch.setattr(data.multiprocessing, "get_context", Counting)
+    monkeypatch.setattr(data, "POOL_MIN_FILES", 64)
     root = make_tree(tmp_path / "raw", classes=("a", "b", "c"), per_class=100, ext=".jpg")
     for i in range(4):
         (root / "a" / f"broken{i}.jpg").write_bytes(b"not a jpeg")
-    seen = {}
+    seen, pools = {}, {}
     for workers in (1, 2):
+        started.clear()
         with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=95, split_seed=0,
                          max_rejected_fraction=0.1, scratch=tmp_path / f"scratch{workers}", workers=workers) as task:
             images = torch.cat([task[s][0][:] for s in ("train", "val")])
@@ -459,7 +481,9 @@ def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker
             assert task["tried"] == 285 + len(task["rejected"]) and len(task["rejected"]) >= 1
             assert all("unreadable" in r["reason"] or "not an image" in r["reason"] for r in task["rejected"])
             seen[workers] = (images, labels, task["rejected"])
+        pools[workers] = list(started)
         assert not (tmp_path / f"scratch{workers}").exists()
+    assert pools == {1: [], 2: [2, 2, 2]}  # one pool of 2 workers per class with 2, none with 1
     assert torch.equal(seen[1][0], seen[2][0]) and torch.equal(seen[1][1], seen[2][1]) and seen[1][2] == seen[2][2]
     with pytest.raises(DataError, match="pretrained.train.per_class: 101 is more than the 100 readable images of source class 'a'"):
         with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=101, split_seed=0,

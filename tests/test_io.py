@@ -1,9 +1,13 @@
+import errno
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,57 +29,195 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
 
 
 # A writer that opens the target itself, as a naive `open(path, "wb")` would: the kill tests must fail on it.
+# (It keeps the fault hook of atomic_open's file, so the kill lands at the same point of the write.)
 NAIVE_WRITER = """
-import contextlib
+import contextlib, pathlib
+from transfer import storage
 @contextlib.contextmanager
-def naive_open(path, mode="wb"):
+def naive_open(path, mode="wb", **kw):
     with open(path, mode) as f:
-        yield f
-io.atomic_open = naive_open
+        yield io._FaultyFile(f, pathlib.Path(path))
+io.atomic_open = storage.atomic_open = naive_open
 """
 
-
-def killed_write(target, fault: str, naive: bool = False) -> int:
-    """Write 64 MiB of ones over `target` in a child that SIGKILLs itself at `fault` (the writer's own
-    fault-injection points, so the kill lands inside the write every time); return its exit code."""
-    code = ("import sys; sys.path.insert(0, %r); import torch; from transfer import io\n%s"
-            "io.save_tensors(%r, {'w': torch.ones(16 * 2**20)})" % (str(ROOT), NAIVE_WRITER if naive else "", str(target)))
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, io.FAULT_ENV: fault}).returncode
+# The writers whose outputs must never be half-written, with the file each writes in `folder`. `big`:
+# the output a killed child writes (several writes, so the kill lands inside); else a small previous one.
+TARGETS = {"save_tensors": "weights.safetensors", "save_checkpoint": "ckpt.pt", "tensor_stream": "emb.safetensors",
+           "write_split": "train.images.npy"}
+N = 4 * 2**20
 
 
-def intact(target, before: bytes) -> bool:
-    """The file is the old one, or completely the new one."""
-    if target.read_bytes() == before:
-        return True
+def write(writer: str, folder, big: bool) -> None:
+    from transfer import storage
+
+    n, target = (N if big else 4), Path(folder) / TARGETS[writer]
+    if writer == "save_tensors":
+        io.save_tensors(target, {"w": torch.ones(n)})
+    elif writer == "save_checkpoint":
+        io.save_checkpoint(target, {"model": {"w": torch.ones(n)}, "epoch": n})
+    elif writer == "tensor_stream":
+        with io.tensor_stream(target, {"w": (torch.float32, (n,))}) as put:
+            for piece in torch.ones(n).chunk(4):
+                put("w", piece)
+    else:
+        rows = 64 if big else 2
+        storage.write_split(Path(folder), "train", iter(np.ones((rows, 3, 128, 128), np.uint8)), count=rows,
+                            image_size=128, labels=torch.zeros(rows, dtype=torch.long), meta={})
+
+
+def complete(writer: str, target) -> bool:
+    """The file is entirely the big output."""
+    from transfer import storage
+
     try:
-        return io.load_tensors(target)[0]["w"].numel() == 16 * 2**20
-    except WeightsError:
+        if writer == "save_checkpoint":
+            return io.load_checkpoint(target)["epoch"] == N
+        if writer == "write_split":
+            images = storage.Images.open(target)
+            return len(images) == 64 and images[63].sum() == 3 * 128 * 128
+        return io.load_tensors(target)[0]["w"].numel() == N
+    except (WeightsError, EOFError, ValueError):
         return False
+
+
+def killed_write(folder, fault: str, writer: str = "save_tensors", naive: bool = False) -> int:
+    """Write the big output of `writer` into `folder` in a child that SIGKILLs itself at `fault` (the
+    writers' own fault-injection points, so the kill lands inside the write every time); its exit code."""
+    code = ("import sys; sys.path[:0] = [%r, %r]; import test_io; from transfer import io\n%s"
+            "test_io.write(%r, %r, big=True)" % (str(ROOT), str(ROOT / "tests"), NAIVE_WRITER if naive else "", writer,
+                                                 str(folder)))
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, io.FAULT_ENV: fault}).returncode
 
 
 @pytest.mark.parametrize("fault", ["kill-mid-write", "kill-before-replace", "kill-mid-write:weights.safetensors"])
 def test_sigkill_inside_a_write_leaves_old_file_intact(tmp_path, fault):
     target = tmp_path / "weights.safetensors"
-    io.save_tensors(target, {"w": torch.zeros(4)})
+    write("save_tensors", tmp_path, big=False)
     before = target.read_bytes()
-    assert killed_write(target, fault) == -signal.SIGKILL
+    assert killed_write(tmp_path, fault) == -signal.SIGKILL
     assert target.read_bytes() == before
     # The leftover temporary file is named so that git and DVC ignore it (*.tmp in .gitignore and .dvcignore).
     assert [p.name.endswith(".tmp") for p in tmp_path.iterdir() if p != target] == [True]
 
 
-def test_the_kill_test_fails_on_a_non_atomic_writer(tmp_path):
-    target = tmp_path / "weights.safetensors"
-    io.save_tensors(target, {"w": torch.zeros(4)})
+@pytest.mark.parametrize("writer", ["save_checkpoint", "tensor_stream", "write_split"])
+def test_sigkill_inside_each_writer_leaves_the_old_file_and_no_temporary_file(tmp_path, writer):
+    """Checkpoints, streamed embeddings and prepared splits, killed mid-write: the previous file stays
+    whole, and the killed write's temporary file (a process killed by SIGKILL cannot remove it) is gone
+    after the next write of that output."""
+    write(writer, tmp_path, big=False)
+    target = tmp_path / TARGETS[writer]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert killed_write(tmp_path, f"kill-mid-write:{target.name}", writer) == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    left = [p.name for p in tmp_path.iterdir() if p.name not in before]
+    assert len(left) == 1 and left[0].startswith(f".{target.name}.") and left[0].endswith(".tmp"), left
+    write(writer, tmp_path, big=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize("writer", ["save_tensors", "save_checkpoint", "tensor_stream", "write_split"])
+def test_the_kill_test_fails_on_a_non_atomic_writer(tmp_path, writer):
+    """The kill lands inside each writer's file: written in place, the file is left half-written."""
+    write(writer, tmp_path, big=False)
+    target = tmp_path / TARGETS[writer]
     before = target.read_bytes()
-    assert killed_write(target, "kill-mid-write", naive=True) == -signal.SIGKILL
-    assert not intact(target, before)
+    assert killed_write(tmp_path, "kill-mid-write", writer, naive=True) == -signal.SIGKILL
+    assert target.read_bytes() != before and not complete(writer, target)
 
 
 def test_fault_injection_only_fires_for_the_named_file(tmp_path):
-    target = tmp_path / "weights.safetensors"
-    assert killed_write(target, "kill-mid-write:other.safetensors") == 0
-    assert io.load_tensors(target)[0]["w"].numel() == 16 * 2**20
+    assert killed_write(tmp_path, "kill-mid-write:other.safetensors") == 0
+    assert complete("save_tensors", tmp_path / "weights.safetensors")
+
+
+def test_a_write_in_progress_keeps_its_temporary_file(tmp_path):
+    """Only temporary files no writer holds are removed: another process's write in progress is not
+    disturbed (its flock is what tells them apart)."""
+    import fcntl
+
+    live, stale = tmp_path / ".out.json.abcd1234.tmp", tmp_path / ".out.json.wxyz6789.tmp"
+    live.write_bytes(b"{")
+    stale.write_bytes(b"{")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        io.write_json(tmp_path / "out.json", {"v": 1})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out.json"]
+
+
+NO_SPACE_LINE = (r"could not write {}: no space left on device \(needed ~[\d.]+ (bytes|kB|MB), [\d.]+ (bytes|kB|MB|GB) "
+                 r"free on /[^)]*\); free some space there and re-run$")
+
+
+@pytest.mark.parametrize("writer", ["save_tensors", "save_checkpoint", "tensor_stream", "write_split"])
+def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, writer):
+    """The disk fills during the write (the writer's mid-write fault point raises ENOSPC, as a full disk
+    does): an OutputError naming the output, what it needed and what is free; old file kept, no temporary file."""
+    write(writer, tmp_path, big=False)
+    target = tmp_path / TARGETS[writer]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setenv(io.FAULT_ENV, f"enospc-mid-write:{target.name}")
+    with pytest.raises(io.OutputError, match=NO_SPACE_LINE.format(re.escape(str(target)))) as e:
+        write(writer, tmp_path, big=True)
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_full_disk_while_decoding_into_the_spool_is_one_line(tmp_path, monkeypatch):
+    """The spool is sparse: the disk fills on a row's write; the message gives the whole spool's size."""
+    from transfer import storage
+
+    def full(fd, data, pos):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / ".decoded.rows.tmp"
+    with pytest.raises(io.OutputError, match=NO_SPACE_LINE.format(re.escape(str(path)))) as e:
+        with storage.Spool(path, (3, 100, 100), 1000) as spool:
+            monkeypatch.setattr(os, "pwrite", full)
+            spool.write(0, np.zeros((3, 100, 100), np.uint8))
+    assert "needed ~30.0 MB" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MB file system (tmpfs), where the mount is permitted (root in a container that allows it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("writer", ["save_tensors", "save_checkpoint", "tensor_stream", "write_split"])
+def test_a_really_full_disk_is_one_line_and_leaves_the_old_file(tiny_disk, writer):
+    """The same on a real 1 MB file system, where the error comes from the kernel at whichever call
+    meets it (a write, the flush, torch's zip writer) and the free space is the real one."""
+    write(writer, tiny_disk, big=False)
+    target = tiny_disk / TARGETS[writer]
+    before = {p.name: p.read_bytes() for p in tiny_disk.iterdir()}
+    with pytest.raises(io.OutputError, match=NO_SPACE_LINE.format(re.escape(str(target)))) as e:
+        write(writer, tiny_disk, big=True)
+    assert f"B free on {tiny_disk})" in str(e.value) and "needed ~" in str(e.value)
+    assert {p.name: p.read_bytes() for p in tiny_disk.iterdir()} == before
+
+
+def test_a_really_full_disk_while_decoding_into_the_spool(tiny_disk):
+    from transfer import storage
+
+    path = tiny_disk / ".decoded.rows.tmp"
+    with pytest.raises(io.OutputError, match=NO_SPACE_LINE.format(re.escape(str(path)))):
+        with storage.Spool(path, (3, 100, 100), 100) as spool:
+            for i in range(100):
+                spool.write(i, np.ones((3, 100, 100), np.uint8))
+    assert list(tiny_disk.iterdir()) == []
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

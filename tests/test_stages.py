@@ -59,7 +59,11 @@ def test_whole_chain_with_source_task_pretraining(in_tmp):
     assert info["source"] == "train" and info["feature_dim"] == 512 and info["num_blocks"] == 5
     assert info["sha256"] == io.sha256_file(in_tmp / "models/backbone/backbone.safetensors")
     pre = read_json(in_tmp / "metrics/pretrain.json")
-    assert pre["source_classes"] == ["0", "1", "2", "3", "4"] and pre["source_val_accuracy"] > 0.3
+    assert pre["source_classes"] == ["0", "1", "2", "3", "4"]
+    # The source task was learnt: chance is 0.2 on its 50 val images, give or take 0.06 (one standard
+    # error) for a model that learnt nothing. Measured 0.64 here, 0.64 to 0.82 over seeds 0-4: 0.5 is
+    # five standard errors above chance and seven images below the lowest seed.
+    assert pre["source_val_accuracy"] >= 0.5
     emb, meta = load_tensors(in_tmp / "data/embeddings/test.safetensors")
     assert emb["embeddings"].shape == (75, 512) and emb["embeddings"].dtype == torch.float16
     # Logged through DVCLive: its metrics.json and its confusion-matrix rows (one per test image).

@@ -6,6 +6,7 @@ bug in this code and keeps its traceback (exit code 1).
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable, Iterable
@@ -36,6 +37,12 @@ def run(stage: str, main: Callable[[], None]) -> None:
         # A stage run before the ones it reads from, or a path in params.yaml that is not there.
         _say(f"{stage}: {e.filename or e}: not found; run the stages before this one (dvc repro {stage}) or fix "
              "the path in params.yaml")
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A writer other than transfer.io's (a library writing its own files): no size to report.
+        _say(f"{stage}: could not write {e.filename or 'an output'}: {e.strerror.lower()}; free some space there and re-run")
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         _say(f"{stage}: interrupted")

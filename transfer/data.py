@@ -435,6 +435,9 @@ def decode_item(array: np.ndarray | None, path: Path | None, size: int) -> tuple
 
 
 _spool = None  # the Spool decode jobs write into; set before the pool forks, so workers inherit it
+# Fewer image files than this are decoded in this process: for a handful, forking a pool and feeding it
+# costs more than it saves. A module constant so that tests can make a pool start on tiny data.
+POOL_MIN_FILES = 256
 
 
 def _decode_job(job: tuple) -> tuple[str | None, str | None]:
@@ -464,7 +467,7 @@ def decode_stream(items: list[Item], size: int, workers: int, spool, first_row: 
     files = sum(item.array is None for item in items)
     # Arrays already in memory (IDX, digits) only need a resize: shipping them to workers and back
     # cost more than it saved (Fashion-MNIST 5-9 at 128 px: 11.1 s inline, 16.9 s with 2 workers).
-    if workers <= 1 or files < 256:
+    if workers <= 1 or files < POOL_MIN_FILES:
         yield from map(_decode_job, jobs)
         return
     # fork: workers inherit the imported modules instead of re-importing torch (2 s each), and the

@@ -3,12 +3,17 @@
 - Every output goes through a temporary file in the same folder and os.replace, so a killed
   stage leaves either the old file or the new one, never half of one. The file gets the
   permissions the umask gives (0644 under 022), as open() would, not mkstemp's private 0600.
+  A temporary file left by a killed write is removed by the next write of the same output.
+- A full disk (or quota) is an OutputError, one line naming the output, about how much it needed
+  and how much is free where it goes; the temporary file is removed.
 - Weights are read from safetensors, or from torch files with weights_only=True and nothing
   else: a checkpoint that needs arbitrary unpickling is refused, never retried unsafely.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -35,11 +40,15 @@ if TYPE_CHECKING:
 # Wrappers that training code adds in front of every key: DataParallel/DDP and torch.compile.
 KEY_PREFIXES = ("module.", "_orig_mod.")
 
-# Fault injection for the tests that prove writes are atomic: "kill-mid-write[:NAME]" SIGKILLs this
-# process after the first chunk of a file (named NAME, if given) is written, "kill-before-replace[:NAME]"
-# after the data is complete but before the rename. A fixed delay cannot land inside a write reliably.
+# Fault injection for the tests that prove writes are atomic, as "ACTION-POINT[:NAME]": at POINT of a
+# file's write (named NAME, if given) ACTION happens. Points: "mid-write", after the first piece of the
+# file has reached it (any writer: atomic_open's file checks after each write), "before-replace", with
+# the data complete but not yet renamed. Actions: "kill" SIGKILLs this process, "enospc" raises the
+# OSError a full disk gives. A fixed delay cannot land inside a write reliably.
 FAULT_ENV = "TRANSFER_FAULT"
 CHUNK = 1 << 20
+# What a full file system or quota raises: the stage says so in one line (OutputError), not a traceback.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fault_point(point: str, path: Path) -> None:
@@ -47,8 +56,31 @@ def _fault_point(point: str, path: Path) -> None:
     if not spec:
         return
     kind, _, name = spec.partition(":")
-    if kind == point and (not name or path.name == name):
+    action, _, where = kind.partition("-")
+    if where != point or (name and path.name != name):
+        return
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+class _FaultyFile:
+    """The file atomic_open yields while FAULT_ENV is set: every write is flushed to the temporary file
+    and followed by the mid-write fault point, so a fault lands inside the file whatever fills it
+    (write_bytes' chunks, torch.save's records, a stream's pieces)."""
+
+    def __init__(self, f: IO, path: Path):
+        self._f, self._path = f, path
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._f.flush()
+        _fault_point("mid-write", self._path)
+        return n
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def _umask() -> int:
@@ -74,35 +106,106 @@ class ChecksumError(WeightsError):
     """A downloaded file's sha256 is not the expected one."""
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class OutputError(UserError):
+    """An output cannot be written because its file system or the user's quota is full."""
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _mount_point(folder: Path) -> str:
+    path = os.path.realpath(folder)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def no_space_error(path: Path, error: OSError, *, needed: int | None, written: int = 0,
+                   reclaimed: int = 0) -> OutputError:
+    """The one line for a write of `path` that found its disk or quota full. `needed`: the file's size
+    where the writer knows it (else what had been written is a lower bound). The free space is what
+    the user has to work with once the partial file is gone: read after it was removed, or plus the
+    `reclaimed` bytes it still holds."""
+    what = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
+    need = f"needed ~{_size(needed)}" if needed else f"needed more than the {_size(written)} written"
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _fault_point("kill-before-replace", path)
-        os.replace(tmp, path)
-    except BaseException:
+        st = os.statvfs(path.parent)
+        free = f"{_size(st.f_bavail * st.f_frsize + reclaimed)} free on {_mount_point(path.parent)}"
+    except OSError:
+        free = "free space unknown"
+    return OutputError(f"could not write {path}: {what} ({need}, {free}); free some space there and re-run")
+
+
+# mkstemp's names: the prefix, 8 random characters, the suffix.
+_TEMP_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files of `path` left by writes that were killed (SIGKILL, power loss). A live
+    writer holds an flock on its temporary file until it has renamed it, so it is never touched."""
+    pattern = re.compile(re.escape(f".{path.name}.") + _TEMP_RANDOM + re.escape(".tmp"))
+    with os.scandir(path.parent) as entries:
+        stale = [e.path for e in entries if pattern.fullmatch(e.name)]
+    for tmp in stale:
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a write in progress (another process)
+        finally:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", *, size: int | None = None) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`. A full disk
+    raises OutputError with `size` (the expected bytes, where the caller knows them) as what was needed."""
+    path = Path(path)
+    tmp = lock = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # Held until the rename (on a duplicate, as closing the file would release it): marks the
+        # temporary file as in use for _remove_stale_temps in other processes.
+        lock = os.dup(fd)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as f:
+            yield _FaultyFile(f, path) if os.environ.get(FAULT_ENV) else f
+            f.flush()
+            os.fsync(f.fileno())
+        _fault_point("before-replace", path)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if lock is not None:
+            os.close(lock)  # before the unlink: an open descriptor would keep the file's space in use
+        written = 0
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                written = os.stat(tmp).st_size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise no_space_error(path, e, needed=size, written=written) from None
         raise
+    os.close(lock)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
     view = memoryview(data)
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", size=len(view)) as f:
         for start in range(0, len(view), CHUNK):
             f.write(view[start:start + CHUNK])
-            if start + CHUNK < len(view):
-                f.flush()
-                _fault_point("kill-mid-write", path)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -147,7 +250,7 @@ def tensor_stream(path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[i
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     names, written = list(layout), dict.fromkeys(layout, 0)
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", size=8 + len(text) + offset) as f:
         f.write(len(text).to_bytes(8, "little") + text)
 
         def put(name: str, piece) -> None:
@@ -189,8 +292,46 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     weights_only=True: only tensors and plain containers go in, never modules or classes."""
     import torch
 
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    # The tensors' bytes: what the file needs, give or take the pickled structure around them.
+    with atomic_open(path, "wb", size=_tensor_bytes(state)) as f:
+        sink = _WriteErrors(f)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            # torch's zip writer swallows a failed write and then fails on a position check; the
+            # write's own error (a full disk) is the one that says what happened.
+            if sink.error is None:
+                raise
+            raise sink.error from None
+
+
+class _WriteErrors:
+    """A file that keeps the OSError its last failed write raised."""
+
+    def __init__(self, f: IO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def _tensor_bytes(obj) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return 0
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from transfer.cli import UserError
-from transfer.io import atomic_open, load_tensors, save_tensors
+from transfer.io import NO_SPACE, atomic_open, load_tensors, no_space_error, save_tensors
 
 
 def images_file(folder: Path, split: str) -> Path:
@@ -43,7 +43,7 @@ def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: i
                 labels: torch.Tensor, meta: dict) -> None:
     """Stream `count` uint8 (3, S, S) images into the split's .npy file (atomically), then its labels."""
     shape = (count, 3, image_size, image_size)
-    with atomic_open(images_file(folder, split), "wb") as f:
+    with atomic_open(images_file(folder, split), "wb", size=int(np.prod(shape))) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
         written = 0
         for image in images:
@@ -68,7 +68,9 @@ class Spool:
     """A scratch file of `capacity` raw uint8 rows, written in any order by row number (by prepare's
     decode workers, each through its own positioned writes) and read back through Images: every image
     is decoded once into it, then each split copies the rows it keeps, so memory does not grow with the
-    dataset. Rows never written read as zeros (the file is sparse). Removed on exit, also on failure."""
+    dataset. Rows never written read as zeros (the file is sparse). Removed on exit, also on failure.
+    Being sparse, it meets a full disk on a row's write, not when created: that is an OutputError
+    saying what the whole spool needs."""
 
     def __init__(self, path: Path, row_shape: tuple[int, ...], capacity: int):
         self.path, self.row_shape, self.capacity = Path(path), tuple(row_shape), int(capacity)
@@ -77,17 +79,37 @@ class Spool:
     def __enter__(self) -> "Spool":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self.fd, self.capacity * self.row_bytes)
+        try:
+            os.ftruncate(self.fd, self.capacity * self.row_bytes)
+        except OSError as e:
+            error = self._no_space(e) if e.errno in NO_SPACE else None
+            self.__exit__()
+            if error:
+                raise error from None
+            raise
         return self
+
+    def _no_space(self, error: OSError) -> Exception:
+        # The rows written so far are freed with the file (on exit), so the whole spool is what it
+        # needs, and the space they hold counts as free.
+        held = 0
+        with contextlib.suppress(OSError):
+            held = os.fstat(self.fd).st_blocks * 512
+        return no_space_error(self.path, error, needed=self.capacity * self.row_bytes, reclaimed=held)
 
     def write(self, index: int, row: np.ndarray) -> None:
         """Row `index` := row. Safe from forked workers: positioned writes share no file offset."""
         if not 0 <= index < self.capacity:
             raise IndexError(f"row {index} outside a spool of {self.capacity}")
         data, pos = memoryview(_row_bytes(row, self.row_shape, f"row {index}")), index * self.row_bytes
-        while data:
-            done = os.pwrite(self.fd, data, pos)
-            data, pos = data[done:], pos + done
+        try:
+            while data:
+                done = os.pwrite(self.fd, data, pos)
+                data, pos = data[done:], pos + done
+        except OSError as e:
+            if e.errno in NO_SPACE:
+                raise self._no_space(e) from None
+            raise
 
     def rows(self) -> "Images":
         return Images(self.path, 0, (self.capacity, *self.row_shape))
