@@ -28,8 +28,9 @@ def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Sp
             test_fraction: float, train_per_class: int | None, eval_per_class: int | None,
             max_rejected_fraction: float, seed: int, out_dir: Path, metrics_path: Path, workers: int = 1,
             timing_path: Path | None = None) -> dict:
-    """Decode (resized and cropped as `spec` says), split and store the dataset; return the counts written to metrics. The decode rate goes
-    to `timing_path` (a log: it varies between identical runs, so it is no output)."""
+    """Decode (resized and cropped as `spec` says), split and store the dataset; return the counts
+    written to metrics. The decode rate goes to `timing_path` (a log: it varies between identical runs,
+    so it is no output)."""
     collected = data.collect(source, root)
     selected = data.resolve_classes(classes, collected.classes, "data.classes")
     label_of = {name: i for i, name in enumerate(selected)}
