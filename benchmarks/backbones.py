@@ -41,11 +41,17 @@ BACKBONES = [("resnet18", "resnet18", "source"), ("mobilenet_v3_small", "mobilen
              ("convnext_atto", "timm/convnext_atto", "source"), ("tf_efficientnet_lite0", "timm/tf_efficientnet_lite0", "imagenet")]
 
 
+# One decode for every backbone, so they are compared on the same pixels (and each source task decodes
+# as the target does): the plain bilinear resize, no crop margin, that the committed results were
+# measured on, not any one backbone's recipe.
+PIXELS = dict(interpolation="bilinear", crop_pct=1.0)
+
+
 def base_params(*, data: dict, pretrain: dict, finetune: dict, head_epochs: int) -> dict:
     from transfer.params import defaults
 
     p = defaults()
-    p["data"].update(data)
+    p["data"].update(data, **PIXELS)
     p["pretrained"]["train"].update(pretrain)
     p["finetune"].update(finetune)
     p["train_head"]["epochs"] = head_epochs
@@ -105,12 +111,15 @@ def measure(label: str, arch: str, weights: str, setup: dict, workdir: Path, pre
 def run(setup: dict, backbones: list[tuple[str, str, str]], workdir: Path, results_file: Path, lite0_path: str,
         log=print) -> dict:
     from stages.prepare import prepare
+    from transfer import preprocess
 
     workdir.mkdir(parents=True, exist_ok=True)
     prepared = workdir / "prepared"
     shutil.rmtree(prepared, ignore_errors=True)
     d = setup["data"]
-    prepare(source=d["source"], root=d["root"], classes=d["classes"], image_size=d["image_size"], val_fraction=0.1,
+    spec = preprocess.resolve_spec(arch="resnet18", pretrained_source="none", weights="DEFAULT", image_size=d["image_size"],
+                                   **PIXELS)
+    prepare(source=d["source"], root=d["root"], classes=d["classes"], spec=spec, val_fraction=0.1,
             test_fraction=0.2, train_per_class=d["train_per_class"], eval_per_class=d["eval_per_class"],
             max_rejected_fraction=0.05, split_seed=0, out_dir=prepared, metrics_path=workdir / "prepare.json")
     start = time.perf_counter()

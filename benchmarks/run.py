@@ -40,10 +40,13 @@ def build_data(folder: Path, image_size: int, train_per_class: int, eval_per_cla
     from PIL import Image
 
     from stages.prepare import prepare
-    from transfer import storage
+    from transfer import preprocess, storage
 
+    # The pixels the committed results were measured on: a plain bilinear resize, no crop margin.
+    spec = preprocess.resolve_spec(arch="resnet18", pretrained_source="none", weights="DEFAULT", image_size=image_size,
+                                   interpolation="bilinear", crop_pct=1.0)
     prepare(source=source, root=root, classes=list(classes),
-            image_size=image_size, val_fraction=0.1, test_fraction=0.2, train_per_class=train_per_class,
+            spec=spec, val_fraction=0.1, test_fraction=0.2, train_per_class=train_per_class,
             eval_per_class=eval_per_class, max_rejected_fraction=0.0, split_seed=0, out_dir=folder / "prepared",
             metrics_path=folder / "prepare.json")
     for split in ("train", "val"):

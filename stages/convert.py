@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer import cli, export, models, paths, storage, training
+from transfer import cli, export, models, paths, preprocess, storage, training
 from transfer.io import read_json, save_tensors, write_json
 from transfer.params import load_params
 
@@ -42,7 +42,17 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     that disagrees (the fp16 copy by more than fp16_tolerance, the others by more than tolerance) fails
     the stage with the numbers, and the gated exports are deleted."""
     meta = read_json(model_dir / "model.json")
-    meta = {**meta, "preprocess": export.PREPROCESS}
+    spec = preprocess.Spec.from_dict(meta.get("preprocess"), where=str(model_dir / "model.json"))
+    # The model learnt on prepare's pixels: a deployment must get the same ones, so the two records must agree.
+    prepared = read_json(prepared_dir / "preprocess.json")
+    got, want = ({k: d.get(k) for k in preprocess.PIXEL_KEYS} for d in (prepared, spec.pixels()))
+    if got != want:
+        raise export.ExportError(f"{prepared_dir} was decoded with {got}, but the model's backbone expects {want}; "
+                                 "one of them is stale: run `dvc repro`")
+    if [list(spec.mean), list(spec.std)] != [meta["mean"], meta["std"]]:
+        raise export.ExportError(f"{model_dir / 'model.json'}: mean/std {meta['mean']}/{meta['std']} differ from its "
+                                 f"preprocessing record's {list(spec.mean)}/{list(spec.std)}; run `dvc repro`")
+    meta = {**meta, "preprocess": export.preprocess_entry(spec)}
     test, data_meta = storage.read_split(prepared_dir, "test")
     storage.check_classes(folder=prepared_dir, data_meta=data_meta, model_classes=meta["classes"],
                           model_file=model_dir / "model.json",

@@ -7,8 +7,8 @@
 - scratch: same architecture, random weights, everything trained at lr.
 
 Outputs: models/model/model.safetensors + model.json (construction arguments, classes,
-normalisation); metrics/finetune.json; curves in metrics/curves/finetune. A resumable
-training state is kept in models/checkpoints/finetune.pt.
+normalisation, the backbone's preprocessing spec); metrics/finetune.json; curves in
+metrics/curves/finetune. A resumable training state is kept in models/checkpoints/finetune.pt.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blo
     if strategy == "feature_extract":
         models.freeze_first_blocks(model, info["arch"], info["num_blocks"])
     meta = dict(arch=info["arch"], image_size=info["image_size"], num_classes=head_desc["num_classes"],
-                classes=head_desc["classes"], mean=info["mean"], std=info["std"], strategy=strategy,
+                classes=head_desc["classes"], mean=info["mean"], std=info["std"], preprocess=info["preprocess"],
+                strategy=strategy,
                 head=dict(kind=head_desc["kind"], hidden=head_desc["hidden"], dropout=head_desc["dropout"]))
     return model, meta
 

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from transfer import cli, data, export, paths
+from transfer import cli, data, export, paths, preprocess
 from transfer.cli import UserError
 from transfer.io import read_json, write_text
 
@@ -112,19 +112,19 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def _decode(job: tuple[Path, int]) -> tuple[np.ndarray | None, str | None]:
-    path, size = job
+def _decode(job: tuple[Path, preprocess.Spec]) -> tuple[np.ndarray | None, str | None]:
+    path, spec = job
     problem = _problem(path)
     if problem:
         return None, problem
-    img, reason = data.decode_item(None, path, size)
+    img, reason = data.decode_item(None, path, spec)
     # Pillow's messages can quote the name, bytes and all.
     return img, reason and reason.encode("utf-8", "backslashreplace").decode()
 
 
-def decoded(files: list[Path], size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """(image, None) or (None, reason) per file, in order, decoded in parallel."""
-    jobs = [(f, size) for f in files]
+def decoded(files: list[Path], spec: preprocess.Spec, workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """(image, None) or (None, reason) per file, in order, decoded in parallel as `spec` says."""
+    jobs = [(f, spec) for f in files]
     if workers <= 1 or len(files) < 64:
         yield from map(_decode, jobs)
         return
@@ -138,8 +138,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def make_runner(model_dir: Path, meta: dict, onnx: bool, device: str):
-    """A function uint8 (B, 3, S, S) -> logits (B, C) as numpy, and the device it runs on."""
+def make_runner(model_dir: Path, meta: dict, spec: preprocess.Spec, onnx: bool, device: str):
+    """A function uint8 (B, 3, S, S) -> logits (B, C) as numpy, and the device it runs on. (The ONNX
+    graph has spec's mean and std inside, put there by convert.)"""
     if onnx:
         session = export.onnx_session(model_dir / export.ONNX_FILE, device=device)
         return (lambda batch: export.onnx_logits(session, batch)), session.get_providers()[0]
@@ -151,7 +152,7 @@ def make_runner(model_dir: Path, meta: dict, onnx: bool, device: str):
     if not weights.is_file():
         raise UserError(f"{weights}: not found; run `dvc repro convert` first (or pass --model)")
     dev = training.pick_device(device)
-    net = export.deployable(models.load_model(weights, meta), meta["mean"], meta["std"]).to(dev)
+    net = export.deployable(models.load_model(weights, meta), spec.mean, spec.std).to(dev)
     net = net.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -175,15 +176,16 @@ def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int,
     if recipe != export.PREPROCESS["recipe"]:
         raise UserError(f"{meta_file}: preprocessing {recipe!r} is not one this version knows "
                         f"({export.PREPROCESS['recipe']!r}); re-run `dvc repro convert`")
+    spec = preprocess.Spec.from_dict(meta["preprocess"], where=str(meta_file))
     files = find_images(targets)
     if not files:
         raise UserError(f"no image files in {' '.join(map(shown, targets))}")
-    classes, size = meta["classes"], meta["image_size"]
+    classes = meta["classes"]
     top_k = min(top_k, len(classes))
     # Decoding starts (and its workers fork) before the model is loaded: no torch thread pool is copied.
-    stream = decoded(files, size, workers)
+    stream = decoded(files, spec, workers)
     first = next(stream)
-    run, where = make_runner(model_dir, meta, onnx, device)
+    run, where = make_runner(model_dir, meta, spec, onnx, device)
     rows: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []
 

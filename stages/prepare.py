@@ -1,9 +1,13 @@
 """prepare: read the dataset once, split it, and store uint8 tensors per split.
 
+Images are resized and cropped as the backbone's weights expect (transfer.preprocess), so a change of
+backbone.arch re-runs prepare.
+
 Outputs (data/prepared/): {train,val,test}.images.npy (uint8 (N,3,S,S), read by batch through
 transfer.storage) and {train,val,test}.safetensors (labels int64, classes),
 classes.json, manifest.csv (one row per input: split, split key, the split folder it came from,
-status, reason), report.json (how each split was formed, rejections, leaks, notes); metrics/prepare.json.
+status, reason), report.json (how each split was formed, rejections, leaks, notes), preprocess.json
+(the resize and crop every image went through, and where each value came from); metrics/prepare.json.
 
 A file's split depends on the file (its key) and data.split_seed alone: see transfer.data.hash_split.
 """
@@ -16,18 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer import cli, data, paths, storage
+from transfer import cli, data, paths, preprocess, storage
 from transfer.data import DataError
 from transfer.io import write_json
 from transfer.params import load_params
 
 
-def prepare(*, source: str, root: str, classes: list | None, image_size: int, val_fraction: float,
+def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Spec, val_fraction: float,
             test_fraction: float, train_per_class: int | None, eval_per_class: int | None,
             max_rejected_fraction: float, split_seed: int, out_dir: Path, metrics_path: Path, workers: int = 1,
             timing_path: Path | None = None) -> dict:
-    """Decode, split and store the dataset; return the counts written to metrics. The decode rate goes
-    to `timing_path` (a log: it varies between identical runs, so it is no output)."""
+    """Decode (resized and cropped as `spec` says), split and store the dataset; return the counts
+    written to metrics. The decode rate goes to `timing_path` (a log: it varies between identical runs,
+    so it is no output)."""
     collected = data.collect(source, root)
     selected = data.resolve_classes(classes, collected.classes, "data.classes")
     label_of = {name: i for i, name in enumerate(selected)}
@@ -54,10 +59,11 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Decoded pixels go to a scratch file, not a list: memory stays flat however many images there are.
+    image_size = spec.image_size
     with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size), capacity=len(kept)) as spool:
         good, rows_of_good, digests = [], [], []
         start = time.perf_counter()
-        stream = cli.progress(data.decode_stream(kept, image_size, workers, spool), desc="decode", total=len(kept), unit="img")
+        stream = cli.progress(data.decode_stream(kept, spec, workers, spool), desc="decode", total=len(kept), unit="img")
         for k, ((digest, reason), item) in enumerate(zip(stream, kept)):  # the bar first: it closes when its iterator ends
             if reason is not None:
                 rows.append(row(item, status="rejected", reason=reason))
@@ -100,6 +106,8 @@ def prepare(*, source: str, root: str, classes: list | None, image_size: int, va
             storage.write_split(out_dir, split, storage.gather_rows(pixels, rows_of_good[idx]), count=len(idx), image_size=image_size,
                                 labels=torch.from_numpy(labels[idx]), meta={"classes": selected, "split": split})
     write_json(out_dir / "classes.json", selected)
+    # Only what the pixels depend on: convert checks the model's spec against it.
+    write_json(out_dir / "preprocess.json", spec.pixels())
     data.write_manifest(out_dir / "manifest.csv", sorted(rows, key=lambda r: r["ref"]))
     write_json(out_dir / "report.json", report)
     counts = {
@@ -204,7 +212,11 @@ def _assign_splits(items, labels, keys, val_fraction, test_fraction, selected, l
 
 def main() -> None:
     p = load_params()
-    counts = prepare(source=p.data.source, root=p.data.root, classes=p.data.classes, image_size=p.data.image_size,
+    # Mean and std are left out: they do not change the pixels stored here, so changing them does not
+    # re-run this stage.
+    spec = preprocess.resolve_spec(arch=p.backbone.arch, pretrained_source=p.pretrained.source, weights=p.pretrained.weights,
+                                   image_size=p.data.image_size, interpolation=p.data.interpolation, crop_pct=p.data.crop_pct)
+    counts = prepare(source=p.data.source, root=p.data.root, classes=p.data.classes, spec=spec,
                      val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction,
                      train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
                      max_rejected_fraction=p.data.max_rejected_fraction, split_seed=p.data.split_seed,

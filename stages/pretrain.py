@@ -1,8 +1,8 @@
 """pretrain: produce backbone weights for backbone.arch from pretrained.source.
 
 Outputs (models/backbone/): backbone.safetensors, backbone.json (arch, source, sha256, feature
-dimension, normalisation, input size, blocks), load_report.json (loaded / skipped / missing keys);
-metrics/pretrain.json.
+dimension, normalisation, input size, blocks, the preprocessing spec with where each value came
+from), load_report.json (loaded / skipped / missing keys); metrics/pretrain.json.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from transfer import cli, data, models, paths, storage, training
+from transfer import cli, data, models, paths, preprocess, storage, training
 from transfer.data import DataError
 from transfer.io import WeightsError, download, load_state_dict, load_tensors, load_weights, save_tensors, sha256_file, torchvision_hash_prefix, write_json
 from transfer.models import ModelError
@@ -25,33 +25,17 @@ from transfer.params import Params, ParamsError, load_params
 MIRROR_ENV = "TRANSFER_WEIGHTS_MIRROR"
 
 
-def torchvision_weights(arch: str, name: str):
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(arch)
-    try:
-        return enum[name]
-    except KeyError:
-        valid = ", ".join(["DEFAULT"] + [w.name for w in enum])
-        raise ParamsError(f"pretrained.weights: {name!r} is not a weights name of {arch}; choose one of: {valid}") from None
-
-
 def fetch_torchvision(*, arch: str, weights: str, cache_dir: Path) -> tuple[Path, dict]:
     """Download (or reuse from the cache) the official weights, verifying the checksum torchvision's
     file name carries. Returns (file, details)."""
-    w = torchvision_weights(arch, weights)
+    w = preprocess.torchvision_weights(arch, weights)
     url = w.url
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:
         url = mirror.rstrip("/") + "/" + w.url.rsplit("/", 1)[-1]
     dest = cache_dir / w.url.rsplit("/", 1)[-1]
     path = download(url, dest, sha256_prefix=torchvision_hash_prefix(w.url))
-    tf = w.transforms()
-    mean, std = tuple(tf.mean), tuple(tf.std)
-    if arch == "inception_v3":
-        # torchvision's inception weights expect transform_input, i.e. inputs scaled to [-1, 1].
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return path, dict(weights=w.name if hasattr(w, "name") else weights, url=url, mean=mean, std=std)
+    return path, dict(weights=w.name if hasattr(w, "name") else weights, url=url)
 
 
 # The order files of a source class are decoded in: a second keyed hash, independent of the split key.
@@ -62,10 +46,11 @@ SOURCE_ORDER_SALT = "source-task order\0"
 
 
 @contextlib.contextmanager
-def source_task(*, source: str, root: str, classes: list, image_size: int, per_class: int, split_seed: int,
+def source_task(*, source: str, root: str, classes: list, spec: preprocess.Spec, per_class: int, split_seed: int,
                 max_rejected_fraction: float, scratch: Path, workers: int = 1) -> Iterator[dict]:
     """The source task: `per_class` readable images of each of `classes`, split into train and val, as
-    prepared splits in `scratch` (read a batch at a time, like prepare's; removed on exit).
+    prepared splits in `scratch` (read a batch at a time, like prepare's; removed on exit), decoded
+    with the same spec as prepare's, so the backbone learns on the pixels the target task will give it.
 
     Like prepare's splits, which files are used and where they go depend on the files and
     data.split_seed alone, never on the training seed: files are decoded in the order of a keyed hash
@@ -77,6 +62,7 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
     names = data.resolve_classes(classes, collected.classes, "pretrained.train.classes")
     pools = [[i for i in collected.items if i.label == name] for name in names]
     rows, labels, keys, rejected, tried = [], [], [], [], 0
+    image_size = spec.image_size
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         # Every candidate has its own row in the (sparse) spool, so decoding ahead of what a class needs
@@ -88,7 +74,7 @@ def source_task(*, source: str, root: str, classes: list, image_size: int, per_c
                 order = data.split_keys(pool, split_seed, salt=SOURCE_ORDER_SALT)
                 candidates = [pool[k] for k in data.in_key_order(np.arange(len(pool)), order)]
                 got = 0
-                with contextlib.closing(data.decode_stream(candidates, image_size, workers, spool, first_row=base)) as stream:
+                with contextlib.closing(data.decode_stream(candidates, spec, workers, spool, first_row=base)) as stream:
                     for k, (item, (_, reason)) in enumerate(zip(candidates, stream)):
                         if got == per_class:
                             break
@@ -143,35 +129,34 @@ def train_on_source_task(*, arch: str, image_size: int, task: dict, epochs: int,
 
 def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0, workers: int = 1) -> dict:
     """Produce the backbone weights named by p.pretrained; write them and their description."""
+    spec = preprocess.resolve_spec(arch=p.backbone.arch, pretrained_source=p.pretrained.source, weights=p.pretrained.weights,
+                                   image_size=p.data.image_size, mean=p.pretrained.mean, std=p.pretrained.std,
+                                   interpolation=p.data.interpolation, crop_pct=p.data.crop_pct)
     if p.pretrained.source != "train":
-        return _pretrain(p=p, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=None)
+        return _pretrain(p=p, spec=spec, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=None)
     # Decoded before any model is built: the decode workers fork from a process that has run no torch op.
     with source_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes,
-                     image_size=p.data.image_size, per_class=p.pretrained.train.per_class,
-                     split_seed=p.data.split_seed,
+                     spec=spec, per_class=p.pretrained.train.per_class, split_seed=p.data.split_seed,
                      max_rejected_fraction=p.data.max_rejected_fraction, workers=workers,
                      scratch=paths.PREPARED.parent / f".source_task.rank{rank}.tmp") as task:
-        return _pretrain(p=p, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=task)
+        return _pretrain(p=p, spec=spec, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=task)
 
 
-def _pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int, task: dict | None) -> dict:
+def _pretrain(*, p: Params, spec: preprocess.Spec, out_dir: Path, metrics_path: Path, rank: int, task: dict | None) -> dict:
     arch, image_size, src = p.backbone.arch, p.data.image_size, p.pretrained.source
     device = training.pick_device(p.runtime.device)
     backbone, dim = models.build_backbone(arch, image_size)
-    mean, std = models.normalisation(arch, backbone)
+    mean, std = spec.mean, spec.std
     details, report, metrics = {}, {"loaded": [], "skipped": {}, "missing": []}, {}
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"  # where torchvision itself caches weights
     if src == "torchvision":
         path, details = fetch_torchvision(arch=arch, weights=p.pretrained.weights, cache_dir=cache_dir)
-        mean, std = details.pop("mean"), details.pop("std")
         state = load_state_dict(path)
         if arch == "inception_v3":  # built without the auxiliary classifier
             state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
         report = models.load_backbone_weights(backbone, _drop_classifier(state, arch, backbone), partial=False)
     elif src == "timm":
         state, details = fetch_timm(arch=arch, weights=p.pretrained.weights, image_size=image_size)
-        # The weights' own pretrained_cfg: a non-default tag (e.g. .dino) can expect another normalisation.
-        mean, std = details.pop("mean"), details.pop("std")
         backbone.pretrained_cfg = details.pop("pretrained_cfg")
         report = models.load_backbone_weights(backbone, state, partial=False)
     elif src in ("url", "file"):
@@ -204,7 +189,7 @@ def _pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int, task: 
     save_tensors(weights_file, backbone.state_dict(), meta={"arch": arch, "image_size": image_size})
     info = dict(arch=arch, source=src, feature_dim=dim, image_size=image_size, mean=list(mean), std=list(std),
                 num_blocks=len(models.blocks(backbone, arch)), sha256=sha256_file(weights_file),
-                **models.native_input(arch, backbone), **details)
+                native_size=models.native_size(arch, backbone), preprocess=spec.to_dict(), **details)
     write_json(out_dir / "backbone.json", info)
     write_json(out_dir / "load_report.json", with_counts(report))
     metrics = {**metrics, "loaded_keys": len(report["loaded"]), "skipped_keys": len(report["skipped"]), "missing_keys": len(report["missing"])}
@@ -255,8 +240,7 @@ def fetch_timm(*, arch: str, weights: str, image_size: int) -> tuple[dict, dict]
             "the hub cache (~/.cache/huggingface) here, or save the weights to a file and set pretrained.source: file "
             "with pretrained.path") from None
     cfg = dict(net.pretrained_cfg)
-    return net.state_dict(), dict(weights=cfg.get("tag") or weights, hf_hub_id=cfg.get("hf_hub_id"), pretrained_cfg=cfg,
-                                  mean=tuple(cfg.get("mean", models.IMAGENET_MEAN)), std=tuple(cfg.get("std", models.IMAGENET_STD)))
+    return net.state_dict(), dict(weights=cfg.get("tag") or weights, hf_hub_id=cfg.get("hf_hub_id"), pretrained_cfg=cfg)
 
 
 def _check_exported_arch(path: Path, arch: str) -> None:

@@ -57,6 +57,13 @@ def make_tree(root: Path, classes=("ants", "bees"), per_class=6, ext=".png", see
     return root
 
 
+def plain_spec(image_size: int, interpolation: str = "bilinear", crop_pct: float = 1.0):
+    """A preprocessing spec given outright (no backbone resolved): by default a plain resize to the size."""
+    from transfer.preprocess import Spec
+
+    return Spec(image_size=image_size, crop_pct=crop_pct, interpolation=interpolation, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
 def tiny_params(**sections) -> dict:
     """Full params on scikit-learn's digits, small enough for seconds-long stage tests."""
     from transfer.params import defaults

@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tree, write_image
+from conftest import make_tree, plain_spec, write_image
 from stages.prepare import prepare
 from transfer import data, storage
 from transfer.data import DataError
 from transfer.io import load_tensors
 
 
-def run_prepare(root, out, **kw):
-    args = dict(source="imagefolder", root=str(root), classes=None, image_size=8, val_fraction=0.2, test_fraction=0.2,
+def run_prepare(root, out, image_size=8, **kw):
+    args = dict(source="imagefolder", root=str(root), classes=None, spec=plain_spec(image_size), val_fraction=0.2, test_fraction=0.2,
                 train_per_class=None, eval_per_class=None, max_rejected_fraction=0.5, split_seed=0,
                 out_dir=out / "prepared", metrics_path=out / "metrics.json")
     args.update(kw)
@@ -108,10 +108,10 @@ def test_decompression_bomb_rejected(tmp_path, monkeypatch):
     path = write_image(tmp_path / "big.png", seed=0, size=(64, 64))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px: over the limit, under 2x
     with pytest.raises(data.BadImage, match="decompression bomb"):
-        data.decode_file(path, 8)
+        data.decode_file(path, plain_spec(8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over 2x: Pillow raises outright
     with pytest.raises(data.BadImage, match="decompression bomb"):
-        data.decode_file(path, 8)
+        data.decode_file(path, plain_spec(8))
     from PIL import ImageFile
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # never switched on globally
 
@@ -375,24 +375,74 @@ def test_parallel_decode_gives_identical_outputs_for_any_worker_count(tmp_path):
     assert outs[1] == outs[2]
 
 
-def test_jpeg_draft_decode_stays_within_what_resizing_changes(tmp_path):
-    """Large JPEGs decode at a reduced DCT scale; the result must differ from a full decode by less
-    than two ordinary resize filters differ from each other."""
-    from PIL import ImageOps
+def reference(img: Image.Image, spec) -> np.ndarray:
+    """torchvision's eval transform on the PIL image, independent of transfer.data: Resize(shorter side to
+    round(S / crop_pct), spec's filter) + CenterCrop(S), as (3, S, S) uint8."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(round(spec.image_size / spec.crop_pct),
+                                               interpolation=transforms.InterpolationMode(spec.interpolation)),
+                             transforms.CenterCrop(spec.image_size)])
+    return np.asarray(tf(img.convert("RGB"))).transpose(2, 0, 1)
+
+
+def prepared_pixels(out) -> set[bytes]:
+    return {bytes(np.ascontiguousarray(img)) for split in ("train", "val", "test")
+            for img in storage.read_split(out / "prepared", split)[0]["images"][:].numpy()}
+
+
+@pytest.mark.parametrize("interpolation, crop_pct", [("bicubic", 0.875), ("lanczos", 0.6)])
+def test_prepare_resizes_and_crops_files_and_arrays_as_the_spec_says(tmp_path, interpolation, crop_pct):
+    """Every prepared image is exactly torchvision's Resize + CenterCrop of its source with the spec's filter
+    and crop: files of both orientations, and in-memory arrays (digits)."""
+    spec = plain_spec(16, interpolation, crop_pct)
+    root = tmp_path / "raw"
+    for i in range(10):
+        write_image(root / "ab"[i % 2] / f"{i}.png", seed=i, size=(23, 17) if i < 5 else (15, 26))
+    run_prepare(root, tmp_path / "files", spec=spec)
+    with_spec = {bytes(reference(Image.open(f), spec)) for f in root.rglob("*.png")}
+    assert prepared_pixels(tmp_path / "files") == with_spec
+    plain = {bytes(reference(Image.open(f), plain_spec(16))) for f in root.rglob("*.png")}
+    assert not with_spec & plain  # the filter and the crop change every image
+
+    run_prepare("unused", tmp_path / "arrays", source="digits", classes=[5, 6], spec=spec)
+    arrays = [item.array for item in data.collect_digits().items if item.label in ("5", "6")]
+    assert prepared_pixels(tmp_path / "arrays") == {bytes(reference(Image.fromarray(a), spec)) for a in arrays}
+    assert json.loads((tmp_path / "arrays/prepared/preprocess.json").read_text()) == {
+        "image_size": 16, "resize_size": round(16 / crop_pct), "crop_pct": crop_pct, "interpolation": interpolation, "origin": {}}
+
+
+def test_jpeg_draft_targets_the_size_before_the_crop(tmp_path, monkeypatch):
+    """Large JPEGs decode at a reduced DCT scale, never below the size they are resized to before the crop
+    (128 px for a 64 px crop of half the image), and differ from a full decode by less than two ordinary
+    resize filters differ from each other."""
+    from dataclasses import replace
+
+    from PIL import JpegImagePlugin
     from skimage import data as photos
 
     path = tmp_path / "cat.jpg"
     Image.fromarray(photos.chelsea()).resize((1000, 750), Image.Resampling.BICUBIC).save(path, quality=90)
+    spec = plain_spec(64, "bilinear", crop_pct=0.5)
+    drafts, real_draft = [], JpegImagePlugin.JpegImageFile.draft
 
-    def full(method):
+    def draft(self, mode, size):
+        result = real_draft(self, mode, size)
+        drafts.append((size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    drafted = data.decode_file(path, spec).astype(int)
+    assert drafts == [((128, 128), (250, 188))]  # 1/4 scale; 1/8 (125 x 94) would be below 128
+
+    def full(s):
         with Image.open(path) as img:
             img.load()
-            return np.asarray(ImageOps.fit(img.convert("RGB"), (64, 64), method=method)).astype(int)
+            return reference(img, s).astype(int)
 
-    drafted = data.decode_file(path, 64).transpose(1, 2, 0).astype(int)
-    reference = full(Image.Resampling.BILINEAR)
-    filters = [np.abs(reference - full(m)).mean() for m in (Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)]
-    difference = np.abs(drafted - reference).mean()
+    base = full(spec)
+    filters = [np.abs(base - full(replace(spec, interpolation=m))).mean() for m in ("bicubic", "lanczos", "box")]
+    difference = np.abs(drafted - base).mean()
     # Draft mode was used, and changed the image no more than choosing another standard filter does.
     assert 0 < difference <= max(filters), (difference, filters)
 
@@ -472,7 +522,7 @@ def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker
     seen, pools = {}, {}
     for workers in (1, 2):
         started.clear()
-        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=95, split_seed=0,
+        with source_task(source="imagefolder", root=str(root), classes=None, spec=plain_spec(16), per_class=95, split_seed=0,
                          max_rejected_fraction=0.1, scratch=tmp_path / f"scratch{workers}", workers=workers) as task:
             images = torch.cat([task[s][0][:] for s in ("train", "val")])
             labels = torch.cat([task[s][1] for s in ("train", "val")])
@@ -486,7 +536,7 @@ def test_source_task_replaces_unreadable_files_and_decodes_alike_with_any_worker
     assert pools == {1: [], 2: [2, 2, 2]}  # one pool of 2 workers per class with 2, none with 1
     assert torch.equal(seen[1][0], seen[2][0]) and torch.equal(seen[1][1], seen[2][1]) and seen[1][2] == seen[2][2]
     with pytest.raises(DataError, match="pretrained.train.per_class: 101 is more than the 100 readable images of source class 'a'"):
-        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=101, split_seed=0,
+        with source_task(source="imagefolder", root=str(root), classes=None, spec=plain_spec(16), per_class=101, split_seed=0,
                          max_rejected_fraction=0.1, scratch=tmp_path / "scratch3", workers=2):
             pass
 
@@ -634,7 +684,7 @@ def test_source_task_files_and_their_split_belong_to_the_files(tmp_path):
     assert len(key_of) == 120  # every image distinct
     chosen = {}
     for per_class in (20, 40):
-        with source_task(source="imagefolder", root=str(root), classes=None, image_size=16, per_class=per_class,
+        with source_task(source="imagefolder", root=str(root), classes=None, spec=plain_spec(16), per_class=per_class,
                          split_seed=0, max_rejected_fraction=0.0, scratch=tmp_path / "scratch") as task:
             chosen[per_class] = {split: {key_of[img.numpy().tobytes()] for img in task[split][0][:]} for split in ("train", "val")}
     for split in ("train", "val"):

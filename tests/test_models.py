@@ -146,8 +146,6 @@ def test_timm_models_build_freeze_and_run(arch, size, dim, n_blocks):
     assert sum(len(g) for g in groups) == len(list(backbone.parameters()))  # every parameter in one block
     assert all(q.grad is None and not q.requires_grad for g in groups[:2] for q in g)
     assert any(q.grad is not None for q in groups[-1])
-    mean, std = models.normalisation(arch, backbone)
-    assert len(mean) == len(std) == 3
 
 
 def _one_timm_model_per_family() -> list[str]:
@@ -203,10 +201,9 @@ def test_every_timm_family_has_blocks_that_hold_each_parameter_once():
     assert not failures, failures
 
 
-def test_timm_normalisation_and_native_size_come_from_pretrained_cfg():
+def test_timm_native_size_comes_from_pretrained_cfg():
     backbone, _ = models.build_backbone("timm/tf_efficientnet_lite0", 64)
-    assert models.normalisation("timm/tf_efficientnet_lite0", backbone) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert models.native_input("timm/tf_efficientnet_lite0", backbone) == dict(native_size=224, interpolation="bicubic")
+    assert models.native_size("timm/tf_efficientnet_lite0", backbone) == 224
     vit, _ = models.build_backbone("timm/vit_tiny_patch16_224", 64)
     assert tuple(vit.patch_embed.grid_size) == (4, 4)  # built for data.image_size, not 224
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, tiny_params, write_params
 from test_stages import run_stage, stage_error
-from transfer import data, io, models, training
+from transfer import data, io, models, preprocess, training
 from transfer.io import WeightsError, load_tensors, read_json
 
 LITE0 = "timm/tf_efficientnet_lite0"
@@ -99,12 +99,12 @@ def test_default_weights_are_genuinely_imagenet_trained(tmp_path, name, expected
     from skimage import data as photos
 
     Image.fromarray(getattr(photos, name)()).save(tmp_path / f"{name}.png")
-    image = torch.from_numpy(data.decode_file(tmp_path / f"{name}.png", 224).copy())[None]
+    spec = preprocess.resolve_spec(arch=LITE0, pretrained_source="file", weights="DEFAULT", image_size=224)
+    image = torch.from_numpy(data.decode_file(tmp_path / f"{name}.png", spec).copy())[None]
     state, _ = io.load_weights(lite0_file())
     backbone, _ = models.build_backbone(LITE0, 224)
     models.load_backbone_weights(backbone, state, partial=True, match="order")
-    mean, std = models.normalisation(LITE0, backbone)
-    features = training.predict(backbone, image, mean=mean, std=std, batch_size=1, device=torch.device("cpu"), amp=False)
+    features = training.predict(backbone, image, mean=spec.mean, std=spec.std, batch_size=1, device=torch.device("cpu"), amp=False)
     logits = features @ state["_fc.weight"].T + state["_fc.bias"]
     top3 = set(logits.topk(3).indices[0].tolist())
     assert expected <= top3 or len(expected & top3) >= 2, (name, top3)
@@ -122,6 +122,10 @@ def test_committed_default_loads_imagenet_lite0_by_order(in_tmp):
     run_stage("pretrain")
     info = read_json(in_tmp / "models/backbone/backbone.json")
     assert info["mean"] == [0.5, 0.5, 0.5] and info["native_size"] == 224 and info["num_blocks"] == 8
+    # The preprocessing is Lite0's own (timm's pretrained_cfg), recorded with where it came from.
+    spec = info["preprocess"]
+    assert (spec["interpolation"], spec["crop_pct"], spec["resize_size"], spec["std"]) == ("bicubic", 0.875, 146, [0.5] * 3)
+    assert spec["origin"]["crop_pct"].startswith("weights: timm pretrained_cfg of tf_efficientnet_lite0.in1k")
     assert info["file_sha256"].startswith("57934424")  # the checksum the package's file name carries
     assert read_json(in_tmp / "models/backbone/load_report.json")["counts"] == {"loaded": 294, "skipped": 2, "missing": 0}
 

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, tiny_params, write_params
+from stages.predict import decoded
 from test_stages import run_pipeline, stage_error
-from transfer import export, models, storage, training
+from transfer import data, export, models, preprocess, storage, training
 from transfer.io import read_json
 
 
@@ -37,7 +38,13 @@ def test_convert_exports_onnx_and_torchscript_that_match_pytorch(project):
         assert m[f"{name}_agreement"] == 1.0 and m[f"{name}_real_disagreements"] == 0, m
         assert m[f"{name}_max_abs_logit_diff"] < 1e-4, m  # measured ~1e-6: same float32 arithmetic
     meta = read_json(project / "models/export/model.json")
-    assert meta["preprocess"] == export.PREPROCESS
+    # The full resolved spec: resnet18's weights' transforms() (Resize(256) + CenterCrop(224), bilinear) at 16 px.
+    spec = preprocess.resolve_spec(arch="resnet18", pretrained_source="none", weights="DEFAULT", image_size=16)
+    assert meta["preprocess"] == {**export.PREPROCESS, **spec.to_dict()}
+    assert {k: meta["preprocess"][k] for k in ("image_size", "resize_size", "crop_pct", "interpolation")} == dict(
+        image_size=16, resize_size=18, crop_pct=0.875, interpolation="bilinear")
+    assert meta["preprocess"]["mean"] == meta["mean"] == [0.485, 0.456, 0.406]
+    assert meta["preprocess"]["origin"]["interpolation"].startswith("weights: torchvision ResNet18_Weights.IMAGENET1K_V1")
     # Any batch size, uint8 in, and the same logits as the model on the prepared test images.
     test, _ = storage.read_split(project / "data/prepared", "test")
     model = models.load_model(project / "models/model/model.safetensors", meta)
@@ -67,16 +74,17 @@ def test_an_export_that_disagrees_fails_convert_with_the_numbers(project, monkey
 
 
 def _photos(folder, project, n=6):
-    """Test images of the prepared split saved as PNGs at their own size, so predict's decode (a resize to
-    the same size) returns exactly the pixels the model was evaluated on; plus files it must reject."""
-    test, _ = storage.read_split(project / "data/prepared", "test")
-    images = test["images"][:n]
+    """The source images (8x8 digits) of n test-split entries saved as PNG files, as a user would have
+    them, plus files predict must reject. Returns the PNGs' paths."""
+    with open(project / "data/prepared/manifest.csv", newline="") as f:
+        refs = [row["ref"] for row in csv.DictReader(f) if row["split"] == "test"][:n]
+    arrays = {item.ref: item.array for item in data.collect_digits().items}
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"img{i}.png")
+    for i, ref in enumerate(refs):
+        Image.fromarray(arrays[ref]).save(folder / f"img{i}.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     (folder / "notes.txt").write_text("not an image, skipped in folders")
-    return images
+    return [folder / f"img{i}.png" for i in range(n)]
 
 
 def _predict(cwd, *args, block_torch=False):
@@ -94,8 +102,14 @@ def _read(path):
 
 
 def test_predict_classifies_files_and_folders_like_the_model(project, tmp_path):
-    images = _photos(tmp_path / "new", project)
+    files = _photos(tmp_path / "new", project)
     meta = read_json(project / "models/export/model.json")
+    # predict decodes a file, as model.json says, into exactly the pixels prepare stored for its source.
+    pixels = [img for img, _ in decoded(files, preprocess.Spec.from_dict(meta["preprocess"], "model.json"), workers=1)]
+    test, _ = storage.read_split(project / "data/prepared", "test")
+    prepared = {bytes(img) for img in test["images"][:].numpy()}
+    assert all(img.shape == (3, 16, 16) and bytes(img) in prepared for img in pixels)
+    images = torch.from_numpy(np.stack(pixels))
     model = models.load_model(project / "models/model/model.safetensors", meta)
     logits = training.predict(model, images, mean=meta["mean"], std=meta["std"], batch_size=8,
                               device=torch.device("cpu"), amp=False)

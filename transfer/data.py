@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transfer.cli import UserError
 from transfer.io import write_text
+from transfer.preprocess import INTERPOLATIONS, Spec
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -31,6 +32,7 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx
                        "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 # Where Debian's dataset-fashion-mnist package puts the IDX files.
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+RESAMPLING = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}  # a spec's interpolation -> PIL's filter
 
 
 class DataError(UserError):
@@ -78,14 +80,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _fit(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` and centre-crop: the tutorials' Resize + CenterCrop."""
-    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
+def _resize_crop(img: Image.Image, spec: Spec) -> np.ndarray:
+    """The shorter side resized to spec.resize_size with spec's filter, then the centre image_size square:
+    the same pixels as torchvision's Resize(resize_size) + CenterCrop(image_size) on a PIL image (timm's
+    eval transform is the same two steps)."""
+    w, h = img.size
+    r = spec.resize_size
+    # The longer side as torchvision computes it: int(), not round().
+    size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    if size != img.size:
+        img = img.resize(size, resample=RESAMPLING[spec.interpolation])
+    s = spec.image_size
+    left, top = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+    img = img.crop((left, top, left + s, top + s))
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, S, S)
 
 
-def decode_file(path: Path, size: int) -> np.ndarray:
-    """Decode one image file fully, or raise BadImage with the reason."""
+def decode_file(path: Path, spec: Spec) -> np.ndarray:
+    """Decode one image file fully and preprocess it as `spec` says, or raise BadImage with the reason."""
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
@@ -95,14 +107,15 @@ def decode_file(path: Path, size: int) -> np.ndarray:
             with Image.open(path) as img:
                 if img.format == "JPEG":
                     # Decode at a reduced DCT scale (1/2, 1/4, 1/8) while the image stays at least the
-                    # target size. 500x375 photos at 128 px (benchmarks/scale.py): mean |difference| 1.8
-                    # of 255 (p99 16) against a full decode, as much as choosing Lanczos (1.7, p99 12) or
-                    # box (1.7, p99 13) over bilinear resizing changes; decode + resize 1.5x faster.
-                    # At twice the target the difference was smaller, but draft never engaged there.
-                    img.draft(None, (size, size))
+                    # size it is resized to before the crop. 500x375 photos at 128 px (benchmarks/scale.py):
+                    # mean |difference| 1.8 of 255 (p99 16) against a full decode, as much as choosing
+                    # Lanczos (1.7, p99 12) or box (1.7, p99 13) over bilinear resizing changes; decode +
+                    # resize 1.5x faster. At twice the target the difference was smaller, but draft never
+                    # engaged there.
+                    img.draft(None, (spec.resize_size, spec.resize_size))
                 img.load()  # full decode: truncated data fails here (verify() would not notice)
                 img = ImageOps.exif_transpose(img)
-                return _fit(_to_rgb(img), size)
+                return _resize_crop(_to_rgb(img), spec)
     except BadImage:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -113,8 +126,8 @@ def decode_file(path: Path, size: int) -> np.ndarray:
         raise BadImage(f"unreadable or truncated image: {e}") from None
 
 
-def decode_array(arr: np.ndarray, size: int) -> np.ndarray:
-    return _fit(Image.fromarray(arr).convert("RGB"), size)
+def decode_array(arr: np.ndarray, spec: Spec) -> np.ndarray:
+    return _resize_crop(Image.fromarray(arr).convert("RGB"), spec)
 
 
 # ---------------------------------------------------------------- sources
@@ -426,10 +439,10 @@ def rank_in_class(idx: np.ndarray, labels: np.ndarray, u: np.ndarray) -> tuple[n
     return rank, of
 
 
-def decode_item(array: np.ndarray | None, path: Path | None, size: int) -> tuple[np.ndarray | None, str | None]:
+def decode_item(array: np.ndarray | None, path: Path | None, spec: Spec) -> tuple[np.ndarray | None, str | None]:
     """An in-memory array or a file, decoded: (array, None), or (None, the reason it was rejected)."""
     try:
-        return (decode_array(array, size) if array is not None else decode_file(path, size)), None
+        return (decode_array(array, spec) if array is not None else decode_file(path, spec)), None
     except BadImage as e:
         return None, str(e)
 
@@ -441,8 +454,8 @@ POOL_MIN_FILES = 256
 
 
 def _decode_job(job: tuple) -> tuple[str | None, str | None]:
-    row, array, path, size = job
-    arr, reason = decode_item(array, path, size)
+    row, array, path, spec = job
+    arr, reason = decode_item(array, path, spec)
     if arr is None:
         return None, reason
     # The worker writes the pixels and hashes them itself: sending 48 KB arrays back through a pipe to
@@ -456,14 +469,14 @@ def worker_count(workers: int) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def decode_stream(items: list[Item], size: int, workers: int, spool, first_row: int = 0) -> Iterator[tuple[str | None, str | None]]:
+def decode_stream(items: list[Item], spec: Spec, workers: int, spool, first_row: int = 0) -> Iterator[tuple[str | None, str | None]]:
     """Decode each item once, in parallel over `workers` processes, item k into row first_row + k of
     `spool` (a storage.Spool). Yields (digest of the pixels or None, rejection reason or None) in input
     order whatever the worker count, so outputs are byte-identical. A stream: memory stays flat, and a
     caller that stops early stops the workers."""
     global _spool
     _spool = spool
-    jobs = ((first_row + k, item.array, item.path, size) for k, item in enumerate(items))
+    jobs = ((first_row + k, item.array, item.path, spec) for k, item in enumerate(items))
     files = sum(item.array is None for item in items)
     # Arrays already in memory (IDX, digits) only need a resize: shipping them to workers and back
     # cost more than it saved (Fashion-MNIST 5-9 at 128 px: 11.1 s inline, 16.9 s with 2 workers).

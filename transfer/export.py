@@ -1,10 +1,11 @@
 """Models for deployment: the classifier with its preprocessing inside, as ONNX and TorchScript,
 each checked against PyTorch; and the ONNX runner `predict --onnx` uses.
 
-An exported model takes what any image library gives after the resize: uint8 RGB (B, 3, S, S) with
-any batch size B, and returns logits; scaling to [0, 1] and the mean/std normalisation are part of
-the graph, so a deployed user cannot get them wrong. How to get from a photo to (3, S, S) is written
-in model.json ("preprocess"), and `predict` applies exactly that.
+An exported model takes what any image library gives after the resize and crop: uint8 RGB
+(B, 3, S, S) with any batch size B, and returns logits; scaling to [0, 1] and the mean/std
+normalisation are part of the graph, so a deployed user cannot get them wrong. How to get from a
+photo to (3, S, S) is written in model.json ("preprocess": the recipe and its resolved values, each
+with where it came from), and `predict` applies exactly that.
 
 torch is imported inside the functions that export: the ONNX runner must work where only
 onnxruntime, Pillow and numpy are installed.
@@ -28,11 +29,20 @@ ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 OPSET = 18
 
-# The one preprocessing recipe, named in model.json: transfer.data.decode_file (any Pillow-readable
-# file; EXIF orientation applied; 16-bit scaled, alpha over white, to RGB; shorter side resized to S
-# with bilinear filtering, JPEG drafted down to no less than S first; centre crop to S x S).
-PREPROCESS = {"recipe": "rgb-resize-shorter-bilinear-center-crop", "input": "uint8 RGB (batch, 3, S, S)",
+# The one preprocessing recipe, named in model.json beside its values (transfer.preprocess.Spec):
+# transfer.data.decode_file (any Pillow-readable file; EXIF orientation applied; 16-bit scaled, alpha
+# over white, to RGB; JPEG drafted down to no less than resize_size; shorter side resized to
+# resize_size with `interpolation`; centre crop to image_size x image_size). The name changed when the
+# filter and crop stopped being fixed (bilinear, no margin): predict refuses a model.json of the old one.
+PREPROCESS = {"recipe": "rgb-resize-shorter-center-crop",
+              "steps": "RGB; shorter side resized to resize_size with interpolation; centre crop to image_size",
+              "input": "uint8 RGB (batch, 3, image_size, image_size)",
               "normalisation": "inside the model: x / 255, then (x - mean) / std"}
+
+
+def preprocess_entry(spec) -> dict:
+    """model.json's "preprocess": the recipe and the resolved spec (a transfer.preprocess.Spec)."""
+    return {**PREPROCESS, **spec.to_dict()}
 
 
 class ExportError(UserError):

@@ -1,12 +1,12 @@
 """One backbone interface over torchvision's classification families and timm's models.
 
 For either library it knows where the classifier is (so the backbone is the network up to the
-features that classifier reads), how wide those features are, the normalisation and native input
-size of the weights, and how the network divides into blocks, in input-to-output order, for
-freezing the first k and for layer-wise learning rates. torchvision families are described by a
-small table; timm models describe themselves (num_features, pretrained_cfg, group_matcher), so
-any of timm's models works without a table. An arch is `resnet18` (torchvision) or
-`timm/convnext_tiny` (timm).
+features that classifier reads), how wide those features are, the native input size of the weights
+(their preprocessing is transfer.preprocess's), and how the network divides into blocks, in
+input-to-output order, for freezing the first k and for layer-wise learning rates. torchvision
+families are described by a small table; timm models describe themselves (num_features,
+pretrained_cfg, group_matcher), so any of timm's models works without a table. An arch is
+`resnet18` (torchvision) or `timm/convnext_tiny` (timm).
 """
 from __future__ import annotations
 
@@ -259,20 +259,12 @@ def _is_sequence_of_stages(module: nn.Module) -> bool:
     return bool(members) and all(next(m.children(), None) is not None for m in members)
 
 
-def normalisation(arch: str, backbone: nn.Module) -> tuple[tuple, tuple]:
-    """Mean and std the weights expect: timm's pretrained_cfg for timm models, ImageNet's otherwise."""
+def native_size(arch: str, backbone: nn.Module) -> int:
+    """The resolution the weights were trained at, recorded beside them. (How images are resized and
+    normalised for them is transfer.preprocess's.)"""
     if is_timm(arch):
-        cfg = backbone.pretrained_cfg
-        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-def native_input(arch: str, backbone: nn.Module) -> dict:
-    """The resolution and resampling the weights were trained at, recorded beside them."""
-    if is_timm(arch):
-        cfg = backbone.pretrained_cfg
-        return dict(native_size=int(cfg.get("input_size", (3, 224, 224))[-1]), interpolation=cfg.get("interpolation"))
-    return dict(native_size=299 if arch == "inception_v3" else 224, interpolation="bilinear")
+        return int(backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    return 299 if arch == "inception_v3" else 224
 
 
 def blocks(backbone: nn.Module, arch: str) -> list[list[str]]:

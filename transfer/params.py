@@ -25,7 +25,7 @@ class ParamsError(UserError):
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # int | float | bool | str | list
+    kind: str  # int | float | bool | str | list | rgb (3 floats, one per channel, each within min..max)
     default: Any
     doc: str
     choices: tuple | None = None
@@ -34,6 +34,7 @@ class Field:
     nullable: bool = False
     item: str | None = None  # element kind for lists: int | str | int_or_str | float | pair (of str)
     allow_empty: bool = False  # lists: [] is a valid value
+    min_exclusive: bool = False  # min itself is not allowed (a crop of 0% of the image)
 
 
 ARCHS = (
@@ -45,6 +46,7 @@ ARCHS = (
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
     "vit_b_16", "vit_b_32",
 )
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # PIL's resampling filters
 TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (transfer.models uses the same)
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 
@@ -55,7 +57,11 @@ SCHEMA: dict[str, Any] = {
         "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder")),
         "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
         "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
-        "image_size": Field("int", 128, "images are resized (shorter side) and centre-cropped to this square size", min=8, max=1024),
+        "image_size": Field("int", 128, "square side the network sees: the shorter side is resized to image_size / crop_pct, then centre-cropped", min=8, max=1024),
+        "interpolation": Field("str", None, "resampling filter of the resize; null = the backbone weights' own", nullable=True,
+                               choices=INTERPOLATIONS),
+        "crop_pct": Field("float", None, "image_size / resized shorter side (the centre crop keeps this share); null = the backbone weights' own",
+                          nullable=True, min=0.0, max=1.0, min_exclusive=True),
         "val_fraction": Field("float", 0.1, "validation fraction: files with split_key in [test_fraction, test_fraction + val_fraction) (one tree, or carved from train/ when there is no val folder)", min=0.0, max=0.9),
         "test_fraction": Field("float", 0.2, "test fraction: files with split_key < test_fraction (single-tree sources); evaluate needs a test split", min=0.01, max=0.9),
         "split_seed": Field("int", 0, "which files go to which split; separate from seed, which drives training", min=0),
@@ -69,6 +75,9 @@ SCHEMA: dict[str, Any] = {
     "pretrained": {
         "source": Field("str", "file", "where backbone weights come from", choices=("torchvision", "timm", "url", "file", "train", "none")),
         "weights": Field("str", "DEFAULT", "torchvision weights enum member (IMAGENET1K_V1), or a timm weights tag (a1_in1k); DEFAULT = the library's default"),
+        "mean": Field("rgb", None, "per-channel mean the inputs are normalised with (pixels in 0-1); null = the weights' own", nullable=True, min=0.0, max=1.0),
+        "std": Field("rgb", None, "per-channel std the inputs are normalised with; null = the weights' own", nullable=True, min=0.0, max=1.0,
+                     min_exclusive=True),
         "url": Field("str", "", "weights URL, file:// included (source: url)"),
         "sha256": Field("str", "", "expected sha256 of the file at url (source: url); required for url"),
         "path": Field("str", "data/raw/pretrained/efficientnet-lite0-57934424.pth", "weights file trained elsewhere (source: file)"),
@@ -232,6 +241,8 @@ def _check(key: str, field: Field, value: Any) -> Any:
         if field.nullable:
             return None
         raise ParamsError(f"{key}: null is not allowed; expected {field.kind} ({field.doc})")
+    if field.kind == "rgb":
+        return _check_rgb(key, field, value)
     if not _type_ok(field.kind, value):
         raise ParamsError(f"{key}: expected {field.kind}, got {type(value).__name__} {value!r} ({field.doc})")
     if field.kind == "float":
@@ -253,11 +264,20 @@ def _check(key: str, field: Field, value: Any) -> Any:
                     re.compile(pattern)
                 except re.error as e:
                     raise ParamsError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
-    if field.min is not None and field.kind in ("int", "float") and value < field.min:
-        raise ParamsError(f"{key}: {value!r} is below the minimum {field.min} ({field.doc})")
+    if field.min is not None and field.kind in ("int", "float") and (value <= field.min if field.min_exclusive else value < field.min):
+        raise ParamsError(f"{key}: {value!r} is {'not above' if field.min_exclusive else 'below'} the minimum {field.min} ({field.doc})")
     if field.max is not None and field.kind in ("int", "float") and value > field.max:
         raise ParamsError(f"{key}: {value!r} is above the maximum {field.max} ({field.doc})")
     return value
+
+
+def _check_rgb(key: str, field: Field, value: Any) -> list[float]:
+    low = (lambda v: v > field.min) if field.min_exclusive else (lambda v: v >= field.min)
+    if not (isinstance(value, list) and len(value) == 3 and all(_type_ok("float", v) and low(v) and v <= field.max for v in value)):
+        bounds = f"{'(' if field.min_exclusive else '['}{field.min:g}, {field.max:g}]"
+        raise ParamsError(f"{key}: {value!r} is not valid; give null or 3 numbers in {bounds}, one per "
+                          f"RGB channel ({field.doc})")
+    return [float(v) for v in value]
 
 
 def _validate(schema: dict, raw: Any, prefix: str) -> Params:
