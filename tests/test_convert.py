@@ -2,7 +2,7 @@
 a copy that is off fails the stage with the numbers and is deleted."""
 import torch
 
-from conftest import tiny_params, write_params
+from conftest import plain_spec, tiny_params, write_params
 from test_stages import run_stage, stage_error
 from transfer import models, paths, storage
 from transfer.io import read_json, save_tensors, write_json
@@ -11,8 +11,9 @@ from transfer.io import read_json, save_tensors, write_json
 def _trained_model(root, n=20, size=16):
     """A model where finetune leaves it (random resnet18 weights: the fp16 rounding is what is tested) and a
     prepared test split."""
+    spec = plain_spec(size)
     meta = dict(arch="resnet18", image_size=size, num_classes=3, classes=["a", "b", "c"], strategy="finetune",
-                mean=list(models.IMAGENET_MEAN), std=list(models.IMAGENET_STD),
+                mean=list(spec.mean), std=list(spec.std), preprocess=spec.to_dict(),
                 head=dict(kind="linear", hidden=256, dropout=0.0))
     torch.manual_seed(0)
     save_tensors(root / paths.MODEL_DIR / "model.safetensors", models.build_classifier(meta).state_dict(), meta=meta)
@@ -20,6 +21,7 @@ def _trained_model(root, n=20, size=16):
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     storage.write_split(root / paths.PREPARED, "test", images.numpy(), count=n, image_size=size,
                         labels=torch.arange(n) % 3, meta={"classes": meta["classes"]})
+    write_json(root / paths.PREPARED / "preprocess.json", spec.pixels())
 
 
 def test_fp16_copy_beyond_its_tolerance_fails_convert_and_is_deleted(in_tmp):

@@ -680,7 +680,7 @@ def test_source_task_files_and_their_split_belong_to_the_files(tmp_path):
     from stages.pretrain import source_task
 
     root = make_tree(tmp_path / "raw", classes=("a", "b"), per_class=60)
-    key_of = {data.decode_file(p, 16).tobytes(): p.relative_to(root).as_posix() for p in root.rglob("*.png")}
+    key_of = {data.decode_file(p, plain_spec(16)).tobytes(): p.relative_to(root).as_posix() for p in root.rglob("*.png")}
     assert len(key_of) == 120  # every image distinct
     chosen = {}
     for per_class in (20, 40):

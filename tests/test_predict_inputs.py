@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, plain_spec
 from stages import predict
 from transfer import export
 from transfer.io import write_json
@@ -28,7 +28,7 @@ def brightness(batch):
     m = batch.reshape(len(batch), -1).mean(1) / 255.0
     return np.stack([1 - m, m], axis=1).astype(np.float32) * 10
 
-predict.make_runner = lambda model_dir, meta, onnx, device: (brightness, "a stand-in model")
+predict.make_runner = lambda model_dir, meta, spec, onnx, device: (brightness, "a stand-in model")
 cli.run("predict", lambda: predict.main(sys.argv[1:]))
 """
 
@@ -41,7 +41,7 @@ def brightness(batch: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def model_dir(tmp_path):
     folder = tmp_path / "export"
-    write_json(folder / "model.json", dict(classes=["dark", "light"], image_size=8, preprocess=export.PREPROCESS))
+    write_json(folder / "model.json", dict(classes=["dark", "light"], image_size=8, preprocess=export.preprocess_entry(plain_spec(8))))
     return folder
 
 
