@@ -174,11 +174,19 @@ def atomic_open(path: str | Path, mode: str = "wb", *, size: int | None = None) 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        # Held until the rename (on a duplicate, as closing the file would release it): marks the
-        # temporary file as in use for _remove_stale_temps in other processes.
-        lock = os.dup(fd)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        while True:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            # Held until the rename (on a duplicate, as closing the file would release it): marks the
+            # temporary file as in use for _remove_stale_temps in other processes.
+            lock = os.dup(fd)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                break
+            # Another writer of the same output (torchrun ranks downloading one file) took it for stale
+            # between mkstemp and the lock, and unlinked it: start on a new one.
+            os.close(lock)
+            os.close(fd)
+            lock = tmp = None
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield _FaultyFile(f, path) if os.environ.get(FAULT_ENV) else f
