@@ -76,13 +76,18 @@ def test_a_full_disk_is_one_line_naming_the_output_and_the_space(tmp_path):
     assert not [p.name for p in (tmp_path / "data/prepared").iterdir() if p.name.endswith(".tmp")]
 
 
+def run_snippet(code: str, cwd) -> subprocess.CompletedProcess:
+    """A few lines of Python in a fresh process that imports this checkout's code."""
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def test_a_full_disk_met_by_another_writer_is_one_line_too(tmp_path):
     """A library writing its own file (DVCLive, matplotlib) gets the same treatment, without the sizes."""
     code = ("import errno, os\nfrom transfer import cli\n"
             "def main():\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'metrics/curves/acc.tsv')\n"
             "cli.run('finetune', main)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = run_snippet(code, tmp_path)
     assert_one_line(r, "finetune", "could not write metrics/curves/acc.tsv: no space left on device; free some space")
 
 
@@ -91,8 +96,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     code = ("from transfer import cli\n"
             "def main():\n    raise ZeroDivisionError('a bug')\n"
             "cli.run('prepare', main)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = run_snippet(code, tmp_path)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError: a bug" in r.stderr
 
 
