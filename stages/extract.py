@@ -14,6 +14,8 @@ from transfer import cli, models, paths, storage, training
 from transfer.io import tensor_stream, write_json
 from transfer.params import load_params
 
+EMBEDDED_SPLITS = ("train", "val")
+
 
 def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path, batch_size: int,
                        device: torch.device, amp: bool) -> dict:
@@ -24,7 +26,7 @@ def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path,
     rank, world = training.rank_and_world()
     backbone, info = models.load_backbone(backbone_dir)
     stats = {}
-    for split in paths.SPLITS:
+    for split in EMBEDDED_SPLITS:
         tensors, meta = storage.read_split(prepared_dir, split)
         images, labels = tensors["images"], tensors["labels"]
         bounds = [len(images) * r // world for r in range(world + 1)]

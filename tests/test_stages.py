@@ -66,8 +66,8 @@ def test_whole_chain_with_source_task_pretraining(in_tmp):
     # error) for a model that learnt nothing. Measured 0.64 here, 0.64 to 0.82 over seeds 0-4: 0.5 is
     # five standard errors above chance and seven images below the lowest seed.
     assert pre["source_val_accuracy"] >= 0.5
-    emb, meta = load_tensors(in_tmp / "data/embeddings/test.safetensors")
-    assert emb["embeddings"].shape == (75, 512) and emb["embeddings"].dtype == torch.float16
+    emb, meta = load_tensors(in_tmp / "data/embeddings/val.safetensors")
+    assert emb["embeddings"].shape == (73, 512) and emb["embeddings"].dtype == torch.float16  # val: 73 digits
     # Logged through DVCLive: its metrics.json and its confusion-matrix rows (one per test image).
     ev = read_json(in_tmp / "metrics/evaluate/metrics.json")
     rows = read_json(in_tmp / "metrics/evaluate/plots/sklearn/confusion_matrix.json")
@@ -125,6 +125,54 @@ def test_strategies_train_what_they_should(in_tmp):
     lrs = (in_tmp / "metrics/curves/finetune/plots/metrics/lr.tsv").read_text().split()  # the last run: scratch, cosine
     assert float(lrs[-1]) < float(lrs[3]) == pytest.approx(0.003)
     assert results["partial"][1]["trainable_params"] < results["finetune"][1]["trainable_params"]
+
+
+def test_validation_every_k_epochs_on_a_subset_then_the_kept_weights_on_all(in_tmp):
+    """finetune.eval_every / finetune.val_images: validation only after epochs 2, 4 and the last (5), on a
+    class-balanced 20 of the 73 val images; the reported val_acc is the kept weights' on all of them."""
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy="finetune",
+                                     finetune={"epochs": 5, "eval_every": 2, "val_images": 20}))
+    run_pipeline(in_tmp, STAGES[:5])
+    m = read_json(in_tmp / "metrics/finetune.json")
+    steps = lambda name: (in_tmp / f"metrics/curves/finetune/plots/metrics/{name}.tsv").read_text().splitlines()[1:]
+    assert [int(r.split()[0]) for r in steps("val/acc")] == [1, 3, 4]  # DVCLive steps: epoch - 1
+    assert len(steps("train/loss")) == 5 and m["best_epoch"] in (2, 4, 5)
+    subset_acc = {int(r.split()[0]) + 1: float(r.split()[1]) for r in steps("val/acc")}[m["best_epoch"]]
+    assert m["val_acc_subset"] == pytest.approx(subset_acc)
+    assert m["val_acc_subset"] * 20 == pytest.approx(round(m["val_acc_subset"] * 20))  # a fraction of 20 images
+    # val_acc is the saved model's accuracy on the whole val split
+    from transfer import storage, training
+    model = models.load_model(in_tmp / "models/model/model.safetensors", read_json(in_tmp / "models/model/model.json"))
+    val, _ = storage.read_split(in_tmp / "data/prepared", "val")
+    info = read_json(in_tmp / "models/model/model.json")
+    logits = training.predict(model, val["images"], mean=info["mean"], std=info["std"], batch_size=64,
+                              device=torch.device("cpu"))
+    assert m["val_acc"] == pytest.approx(training.accuracy(logits, val["labels"]))
+
+
+def test_balanced_subset_takes_classes_in_turn_and_nests():
+    from transfer.training import balanced_subset
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 10)
+    assert balanced_subset(labels, None) is None and balanced_subset(labels, 22) is None
+    six = balanced_subset(labels, 6).tolist()
+    assert [labels[i].item() for i in six] == [0, 0, 1, 1, 2, 2]
+    ten = balanced_subset(labels, 10).tolist()  # the small class gives its 2, the others 4 each
+    assert sorted(labels[ten].tolist()) == [0] * 4 + [1] * 2 + [2] * 4 and set(six) <= set(ten)
+    assert balanced_subset(labels, 7).tolist() == sorted(six + [2])  # one more: class 0's third image
+
+
+def test_feature_extract_reports_the_heads_val_accuracy_without_running_the_backbone(in_tmp, monkeypatch):
+    write_params(in_tmp, tiny_params(pretrained={"source": "none"}))
+    run_pipeline(in_tmp, STAGES[:4])
+    from transfer import training
+
+    def no_backbone(*a, **k):
+        raise AssertionError("feature_extract ran a model over images")
+    monkeypatch.setattr(training, "predict", no_backbone)
+    monkeypatch.setattr(training, "predict_batches", no_backbone)
+    run_stage("finetune", in_tmp)
+    assert read_json(in_tmp / "metrics/finetune.json")["val_acc"] == read_json(in_tmp / "metrics/train_head.json")["val_acc"]
+    assert sorted(p.name for p in (in_tmp / "data/embeddings").iterdir()) == ["train.safetensors", "val.safetensors"]
 
 
 def _resnet_file(path: Path, prefix="") -> dict:
