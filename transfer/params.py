@@ -50,6 +50,11 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (transfer.models uses the same)
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 
+# Params that change how fast a stage runs, never what it writes (tests/test_data.py compares prepare's
+# outputs byte for byte at 1 and 2 decode workers; pretrain decodes through the same code): no stage
+# declares them in dvc.yaml, so changing one re-runs nothing.
+SPEED_ONLY = frozenset({"runtime.workers"})
+
 SCHEMA: dict[str, Any] = {
     "seed": Field("int", 0, "seed for initialisation, shuffling and augmentation (not for splits: data.split_seed)", min=0),
     "strategy": Field("str", "feature_extract", "how the finetune stage adapts the backbone", choices=STRATEGIES),
@@ -122,6 +127,9 @@ SCHEMA: dict[str, Any] = {
         "augment_hflip": Field("bool", True, "random horizontal flips during training"),
         "augment_pad": Field("int", 2, "random crops after padding by this many pixels (0 = off)", min=0),
         "resume": Field("bool", False, "resume from models/checkpoints/finetune.pt when its settings match"),
+        "eval_every": Field("int", 1, "validate after every this many epochs (and after the last)", min=1),
+        "val_images": Field("int", None, "per-epoch validation on this many val images, the same class-balanced subset every "
+                            "time; the kept weights are then scored on the whole val split; null = all", nullable=True, min=1),
     },
     "evaluate": {
         "grid_images": Field("int", 24, "test images in the prediction grid", min=1, max=256),

@@ -439,8 +439,13 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         weight_decay: float, scheduler: str, step_size: int, gamma: float, augment_pad: int, augment_hflip: bool,
         mean, std, device: torch.device, amp: bool, seed: int, eval_batch_size: int = 512,
         checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
-        recalibrate_bn: bool = False, log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
+        recalibrate_bn: bool = False, eval_every: int = 1, val_subset: int | None = None,
+        log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
     """SGD training with per-group learning rates; keeps the best-validation weights.
+
+    Validation runs after every `eval_every`-th epoch and after the last, on `val_subset` images of the val
+    split (a class-balanced subset, the same every time; None = all): the curves and the best epoch
+    are the subset's.
 
     With `recalibrate_bn`, BatchNorm statistics are recomputed over the training images before each
     validation (see recalibrate_batchnorm), so validation, the best-epoch choice and the kept
@@ -489,6 +494,10 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         else:
             log(f"{checkpoint} was written with other settings; starting from epoch 1")
     train_labels_dev = train_labels.to(device)
+    subset = balanced_subset(val_labels, val_subset)
+    val_seen, val_seen_labels = val_images, val_labels
+    if subset is not None:
+        val_seen, val_seen_labels = val_images[subset], val_labels[subset]
     for epoch in range(start, epochs + 1):
         model.to(memory_format=fmt)  # predict() below switches it to channels_last for evaluation
         model.train()
@@ -530,17 +539,21 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         if recalibrate_bn:
             recalibrate_batchnorm(model, train_images, mean=mean, std=std, batch_size=eval_batch_size, device=device,
                                   amp=amp, memory_format=fmt)
-        # Every rank validates the whole split (the same numbers everywhere, so every rank keeps the same best epoch).
-        val_logits = predict(model, val_images, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
-        val_acc = accuracy(val_logits, val_labels)
-        val_loss = float(F.cross_entropy(val_logits, val_labels)) if len(val_labels) else float("nan")
-        history.append(dict(epoch=epoch, train_loss=loss_sum / total, train_acc=correct / total,
-                            val_loss=val_loss, val_acc=val_acc, lr=lr))
-        log(f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}, val acc {val_acc:.4f}")
-        score = val_acc if len(val_labels) else float(epoch)
-        if score > best_acc:
-            best_acc, best_epoch = score, epoch
-            best_state = _snapshot(model)
+        entry = dict(epoch=epoch, train_loss=loss_sum / total, train_acc=correct / total, lr=lr)
+        if epoch % eval_every == 0 or epoch == epochs:
+            # Every rank validates the whole subset (the same numbers everywhere, so every rank keeps the same best epoch).
+            val_logits = predict(model, val_seen, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
+            val_acc = accuracy(val_logits, val_seen_labels)
+            val_loss = float(F.cross_entropy(val_logits, val_seen_labels)) if len(val_seen_labels) else float("nan")
+            entry.update(val_loss=val_loss, val_acc=val_acc)
+            log(f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}, val acc {val_acc:.4f}")
+            score = val_acc if len(val_seen_labels) else float(epoch)
+            if score > best_acc:
+                best_acc, best_epoch = score, epoch
+                best_state = _snapshot(model)
+        else:
+            log(f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}")
+        history.append(entry)
         if checkpoint is not None:
             rng = _rng_states(device, world)  # a collective: every rank takes part
             if rank == 0:
@@ -549,3 +562,16 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                     epoch=epoch, generator=gen.get_state(), rng=rng, history=history, best_acc=best_acc,
                     best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint))
     return best_state, history, best_epoch
+
+
+def balanced_subset(labels: torch.Tensor, n: int | None) -> torch.Tensor | None:
+    """Indices of `n` of `labels`, as many of each class as the class has up to an equal share (the
+    first ones in storage order, so a larger n holds a smaller one's); None when n is None or covers all."""
+    if n is None or n >= len(labels):
+        return None
+    queues = [(labels == c).nonzero().flatten().tolist() for c in torch.unique(labels)]
+    chosen, depth = [], 0
+    while len(chosen) < n:  # round robin over the classes: small classes give what they have
+        chosen += [q[depth] for q in queues if depth < len(q)][:n - len(chosen)]
+        depth += 1
+    return torch.tensor(sorted(chosen), dtype=torch.long)
