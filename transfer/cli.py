@@ -27,9 +27,14 @@ def one_line(message: str) -> str:
 
 
 def run(stage: str, main: Callable[[], None]) -> None:
-    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2. With
+    TRANSFER_PROFILE=<file>, one JSON line of where the process's time went is appended to it."""
+    profile = os.environ.get("TRANSFER_PROFILE")
+    started = _since_process_start() if profile else 0.0  # the stage module and its imports are loaded by now
     try:
         main()
+        if profile:
+            _profile(profile, stage, started)
     except UserError as e:
         _say(f"{stage}: {one_line(e)}")
         sys.exit(EXIT_USER_ERROR)
@@ -47,6 +52,40 @@ def run(stage: str, main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         _say(f"{stage}: interrupted")
         sys.exit(130)
+
+
+def _since_process_start() -> float:
+    """Seconds since this process started (interpreter start-up included), from /proc: 10 ms resolution."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _profile(path: str, stage: str, started: float) -> None:
+    """Wall time (split into start-up + imports and the work), CPU time, bytes read and written and peak
+    memory of this process and the children it waited for (decode workers, torchrun ranks)."""
+    import json
+    import resource
+
+    t = os.times()
+    io = {}
+    try:
+        with open("/proc/self/io") as f:
+            io = dict(line.split(": ") for line in f.read().splitlines())
+    except OSError:
+        pass
+    wall = _since_process_start()
+    row = dict(stage=stage, rank=int(os.environ.get("RANK", "0")), wall_s=round(wall, 2), startup_imports_s=round(started, 2),
+               work_s=round(wall - started, 2), cpu_s=round(t.user + t.system + t.children_user + t.children_system, 2),
+               read_mb=round(int(io.get("rchar", 0)) / 2**20, 1), written_mb=round(int(io.get("wchar", 0)) / 2**20, 1),
+               peak_rss_mb=round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024))
+    with open(path, "a") as f:  # one write of one line: O_APPEND keeps concurrent ranks' lines whole
+        f.write(json.dumps(row) + "\n")
 
 
 def _say(line: str) -> None:
