@@ -39,7 +39,9 @@ from transfer import paths
 from transfer.cli import UserError, one_line
 
 # Inputs outside git and DVC that stages read (the raw data, weights files): linked into every clone.
-LINKED = (paths.RAW,)
+# (Not in transfer/paths.py: every stage lists that file as a dep, so a new name there would mark
+# every stage in dvc.lock as changed and re-run the whole pipeline for nothing.)
+LINKED = (Path("data/raw"),)
 
 
 # ---------------------------------------------------------------- running DVC

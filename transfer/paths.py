@@ -7,8 +7,6 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 
-RAW = Path("data/raw")  # inputs outside git and DVC (datasets, weights files); no stage writes here
-
 PREPARED = Path("data/prepared")  # {split}.images.npy + {split}.safetensors (transfer.storage), classes.json, manifest.csv, report.json
 EMBEDDINGS = Path("data/embeddings")  # {split}.safetensors
 
