@@ -67,7 +67,8 @@ def uncommitted(project: Path) -> list[str]:
     return [line[3:] for line in out.splitlines()]
 
 
-def run(planned: list[exps.Experiment], slots: list[exps.Slot], project: Path, workdir: Path | None) -> list[exps.Outcome]:
+def run(planned: list[exps.Experiment], slots: list[exps.Slot], project: Path,
+        workdir: Path | None) -> list[exps.Outcome]:
     """The experiments on the slots, a line per experiment as it ends; the outcomes in plan order."""
     changed = uncommitted(project)
     if changed:
@@ -78,7 +79,8 @@ def run(planned: list[exps.Experiment], slots: list[exps.Slot], project: Path, w
         done.append(out)
         what = f"ok, ran {', '.join(out.ran) or 'nothing (all cached)'}" if out.ok else \
             f"FAILED (exit {out.returncode}): {out.reason}"
-        print(f"[{len(done)}/{len(planned)}] {out.experiment.name} on {out.slot}, {out.seconds:.1f} s: {what}", flush=True)
+        print(f"[{len(done)}/{len(planned)}] {out.experiment.name} on {out.slot}, {out.seconds:.1f} s: {what}",
+              flush=True)
 
     done: list[exps.Outcome] = []
     with exps.sigterm_as_interrupt(), exps.Pool(project, slots, workdir=workdir) as pool:
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     for o in failed:
         print(f"\nexperiments: {o.experiment.name} failed (exit {o.returncode}) on {o.slot}; the end of its output:\n"
               + "\n".join("    " + line for line in o.tail().splitlines()), file=sys.stderr)
-    print(f"\nexperiments: {len(outcomes) - len(failed)} of {len(planned)} done in {(time.perf_counter() - start) / 60:.1f} "
-          f"min on {len(slots)} workers; `dvc exp show` lists them" + (f"; {len(failed)} failed" if failed else ""))
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nexperiments: {len(outcomes) - len(failed)} of {len(planned)} done in {minutes:.1f} min on {len(slots)} "
+          "workers; `dvc exp show` lists them" + (f"; {len(failed)} failed" if failed else ""))
     if failed:
         sys.exit(1)
 

@@ -3,7 +3,7 @@ git + DVC project, every experiment in `dvc exp show`, the workspace untouched, 
 failure reported without losing the rest; Ctrl-C cleaning up; bad input refused in one line."""
 import hashlib
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import tiny_params, write_params
+from conftest import ROOT, tiny_params, write_params
 from test_pipeline_dvc import dvc, env, sh
 from transfer import cli
 from transfer import experiments as exps
@@ -23,10 +23,6 @@ from transfer import experiments as exps
 def project(tmp_path_factory):
     """The tiny project with train_head and everything before it run and committed, so experiments on
     train_head alone find the rest in the (shared) run cache."""
-    import shutil
-
-    from conftest import ROOT
-
     path = tmp_path_factory.mktemp("project")
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)

@@ -63,13 +63,23 @@ def stages_seen(dvc_output: str) -> set[str]:
     return set(re.findall(r"(?:Running stage|Stage) '([^']+)'", dvc_output))
 
 
+class CommandError(RuntimeError):
+    """git or dvc failed where the pool needed it (cloning, resetting, fetching)."""
+
+
+def _command(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise CommandError(f"{' '.join(cmd)} (in {cwd}) failed: {(r.stderr or r.stdout).strip()}")
+    return r.stdout
+
+
 def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    return _command(["git", *args], cwd)
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
-                          env=dvc_env(), check=True).stdout
+    return _command([sys.executable, "-m", "dvc", *args], cwd, dvc_env())
 
 
 def exp_ref(baseline: str, name: str) -> str:
@@ -183,7 +193,6 @@ class Experiment:
     name: str
     overrides: list[str]  # what `dvc exp run -S` takes: "train_head.lr=0.02", "data.classes=[5,6]"
     target: str | None = None  # the stage to stop at; None: the whole pipeline
-    meta: dict = field(default_factory=dict)  # the caller's bookkeeping, untouched
 
 
 @dataclass
@@ -298,7 +307,7 @@ class Pool:
                             on_done(outcome)
                 except BaseException as e:  # noqa: BLE001 - raised in the calling thread below
                     errors.append(e)
-                    self._stop.set()
+                    self.stop()
                     return
 
         threads = [threading.Thread(target=work, args=(s, c), daemon=True) for s, c in zip(self.slots, self.clones)]
@@ -314,7 +323,6 @@ class Pool:
                 t.join()
             raise
         if errors:
-            self.stop()
             raise errors[0]
         return outcomes
 
@@ -327,10 +335,12 @@ class Pool:
         if exp.target:
             args.append(exp.target)
         start = time.perf_counter()
-        # Its own process group: Ctrl-C reaches it through stop(), which also ends what it started.
-        proc = subprocess.Popen(args, cwd=clone, env=slot.env(dvc_env()), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-        with self._lock:
+        with self._lock:  # started and registered at once, so stop() ends it or it never starts
+            if self._stop.is_set():
+                return None
+            # Its own process group: Ctrl-C reaches it through stop(), which also ends what it started.
+            proc = subprocess.Popen(args, cwd=clone, env=slot.env(dvc_env()), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
             self._running.add(proc)
         try:
             output, _ = proc.communicate()
@@ -373,8 +383,8 @@ class Pool:
 
     def stop(self, grace: float = 15.0) -> None:
         """Stop handing out experiments and end the running ones (SIGINT, then SIGKILL after `grace` s)."""
-        self._stop.set()
         with self._lock:
+            self._stop.set()
             procs = list(self._running)
         for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
             for p in procs:
@@ -555,7 +565,7 @@ def plan(project: Path, *, sets: list[str], queue_file: Path | None, prefix: str
     try:
         baseline = _git(project, "rev-parse", "HEAD").strip()
         base = yaml.safe_load(_git(project, "show", f"HEAD:{paths.PARAMS.as_posix()}")) or {}
-    except subprocess.CalledProcessError:
+    except CommandError:
         raise UserError(f"{project}: experiments run on a commit; run this in a git project with {paths.PARAMS} "
                         "committed") from None
     if target is not None:
