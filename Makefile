@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test bench data browser study-scenarios study-backbones
+.PHONY: setup test bench data browser experiments study-scenarios study-backbones
 
 setup: $(BIN)/dvc data browser
 	@echo "ready: run 'source $(VENV)/bin/activate' then 'dvc repro'"
@@ -43,6 +43,10 @@ test:
 
 bench:
 	$(BIN)/python -m benchmarks.run
+
+# Many DVC experiments at once, e.g. make experiments ARGS="-S strategy=finetune,partial -S seed=0,1,2 --workers 2"
+experiments:
+	$(BIN)/python -m stages.experiments $(ARGS)
 
 # The two studies (benchmarks/studies/: table, figure, raw results); see the README.
 study-scenarios:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from transfer.experiments import dvc_env, stages_ran
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -262,17 +263,6 @@ def run_child(name: str, args, folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------- dvc: full repro vs head-only experiment
-
-
-def dvc_env() -> dict:
-    """`python` in dvc.yaml must be this interpreter (the venv's), whether or not it is activated."""
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                DVC_NO_ANALYTICS="1")
-
-
-def stages_ran(dvc_stdout: str) -> list[str]:
-    """The stages a `dvc repro` / `dvc exp run` actually ran (not those restored from the run cache)."""
-    return sorted(set(re.findall(r"Running stage '(\w+)'", dvc_stdout)))
 
 
 def bench_dvc() -> dict:

@@ -17,11 +17,14 @@ layers; large + dissimilar -> train from scratch; large + similar -> fine-tune e
   seed is another labelled sample and test set, the same for every strategy: a paired comparison.
 
 Every cell is a DVC experiment (`dvc exp run -n NAME -S ... evaluate`), listed by `dvc exp show` in
-this project and reproducible with `dvc exp apply NAME && dvc repro`. The cells run in `--workers`
-clones of this project at HEAD (default 2, one per core, each stage with one thread), which share
+this project and reproducible with `dvc exp apply NAME && dvc repro`. The cells run through
+transfer/experiments.py (what `python -m stages.experiments` runs): `--workers` clones of this project
+at HEAD (default 2, each pinned to its share of the cores, each stage with one thread), which share
 this project's DVC cache, so a stage any worker ran is restored from the run cache for every other
-cell that needs it; when the study ends, the experiments are fetched into this project and the
-clones removed. This workspace itself is never touched. Learning-rate tuning cells stop at the stage
+cell that needs it; each experiment is fetched into this project as it ends, and the clones are
+removed at the end. This workspace itself is never touched. A failed cell stops the study at the
+end of its phase (tuning, then the cells), after the phase's other cells have run and been
+recorded, so a re-run resumes after them. Learning-rate tuning cells stop at the stage
 that reports validation accuracy (train_head or finetune); the chosen one is then evaluated like
 every other cell. Results accumulate in benchmarks/studies/scenarios.json (a killed study resumes
 where it stopped); the table (scenarios.md) and figure (scenarios.png) are written from it.
@@ -30,18 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.run import dvc_env, stages_ran
+from transfer import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "studies"
@@ -82,8 +79,8 @@ def full_study() -> Study:
 
 
 def cell_params(study: Study, domain: str, budget: int, strategy: str, freeze: int, lr: float, seed: int) -> dict:
-    """Every key a cell sets, the same keys every time: `dvc exp run` starts from the previous cell's
-    params.yaml in its clone, so nothing may be left to what the last cell set."""
+    """Every key a cell sets, the same keys for every cell: an experiment is HEAD's params.yaml plus
+    these (whatever ran before it in its clone), and a recorded cell counts as done only with these."""
     p = {**study.common, **study.domains[domain], "seed": seed, "data.split_seed": seed, "data.train_per_class": budget,
          "strategy": strategy, "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1),
          "runtime.threads": 1}
@@ -98,34 +95,19 @@ def cell_name(domain: str, budget: int, label: str, lr: float, seed: int) -> str
     return f"scn-{domain}-b{budget}-{label.replace(' ', '').replace('=', '')}-lr{str(lr).replace('.', 'p')}-s{seed}"
 
 
-def _yaml(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
-
-
-def _read(project: Path, rel: str) -> dict:
-    return json.loads((project / rel).read_text())
-
-
-def run_cell(project: Path, name: str, params: dict, target: str = "evaluate") -> dict:
-    """One DVC experiment up to `target` (convert is no part of a study); its metrics. Up to evaluate
-    it has a test accuracy; a tuning cell stops where its validation accuracy is known."""
-    args = [sys.executable, "-m", "dvc", "exp", "run", "-n", name, target]
-    for key, value in params.items():
-        args += ["-S", f"{key}={_yaml(value)}"]
-    start = time.perf_counter()
-    r = subprocess.run(args, cwd=project, capture_output=True, text=True, env=dvc_env())
-    if r.returncode != 0:
-        raise RuntimeError(f"scenarios: experiment {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    if target == "pretrain":  # a backbone made ahead for later cells: no accuracy on the target task yet
+def cell_result(job: "Job", outcome: experiments.Outcome) -> dict:
+    """What the study records of one finished experiment (convert is no part of a study). Up to
+    evaluate it has a test accuracy; a tuning cell stops where its validation accuracy is known."""
+    if job.target == "pretrain":  # a backbone made ahead for later cells: no accuracy on the target task yet
         val = None
-    elif params["strategy"] == "feature_extract":
-        val = _read(project, "metrics/train_head.json")["val_acc"]
+    elif job.params["strategy"] == "feature_extract":
+        val = outcome.metrics["metrics/train_head.json"]["val_acc"]
     else:
-        val = _read(project, "metrics/finetune.json")["val_acc"]
-    out = dict(name=name, seconds=round(time.perf_counter() - start, 1), val_acc=val, params=params, target=target,
-               ran=stages_ran(r.stdout))
-    if target == "evaluate":
-        ev = _read(project, "metrics/evaluate/metrics.json")
+        val = outcome.metrics["metrics/finetune.json"]["val_acc"]
+    out = dict(name=job.name, seconds=outcome.seconds, val_acc=val, params=job.params, target=job.target,
+               ran=outcome.ran)
+    if job.target == "evaluate":
+        ev = outcome.metrics["metrics/evaluate/metrics.json"]
         out.update(test_acc=ev["accuracy"], macro_f1=ev["macro_f1"])
     return out
 
@@ -190,78 +172,26 @@ def study_jobs(study: Study, chosen: dict) -> list[Job]:
     return _interleave(per_domain)
 
 
-class Workers:
-    """`n` clones of the project at HEAD, sharing its DVC cache; run() spreads jobs over them."""
+def run_jobs(pool: experiments.Pool, jobs: list[Job], done: dict, record) -> None:
+    """Each job not in `done` with the same params, as an experiment on the first free worker;
+    record(job, result) as each ends. A failure is raised once the others have ended."""
+    # Done means done with these params: a cell recorded before a key was added to cell_params
+    # (data.split_seed) runs again rather than mixing results of two set-ups in one table.
+    todo = {job.name: job for job in jobs if done.get(job.name, {}).get("params") != job.params}
+    failed: list[experiments.Outcome] = []
 
-    def __init__(self, project: Path, n: int):
-        self.project = project
-        self.root = Path(tempfile.mkdtemp(prefix="scenarios-"))
-        self.clones = []
-        cache = _dvc_cache_dir(project)
-        for i in range(n):
-            clone = self.root / f"w{i}"
-            _git(project, "clone", "-q", "--shared", str(project), str(clone))
-            raw = project / "data" / "raw"
-            if raw.exists():  # inputs outside git and DVC (Fashion-MNIST, the Lite0 file)
-                (clone / "data").mkdir(exist_ok=True)
-                (clone / "data" / "raw").symlink_to(raw.resolve(), target_is_directory=True)
-            subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(cache)], cwd=clone,
-                           check=True, capture_output=True, env=dvc_env())
-            self.clones.append(clone)
+    def finished(outcome: experiments.Outcome) -> None:
+        job = todo[outcome.experiment.name]
+        if outcome.ok:
+            record(job, cell_result(job, outcome))
+        else:
+            failed.append(outcome)
 
-    def run(self, jobs: list[Job], done: dict, record) -> None:
-        """Each job not in `done` with the same params, on the first free clone; record(job, result) is
-        called under a lock. The first failure stops the hand-out of new jobs and is raised once the
-        running ones end."""
-        pending: queue.Queue = queue.Queue()
-        for job in jobs:
-            # Done means done with these params: a cell recorded before a key was added to cell_params
-            # (data.split_seed) runs again rather than mixing results of two set-ups in one table.
-            if done.get(job.name, {}).get("params") != job.params:
-                pending.put(job)
-        lock, errors = threading.Lock(), []
-
-        def work(clone: Path) -> None:
-            while not errors:
-                try:
-                    job = pending.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    result = run_cell(clone, job.name, job.params, job.target)
-                except Exception as exc:  # noqa: BLE001 - reported after the other workers stop
-                    errors.append(exc)
-                    return
-                with lock:
-                    record(job, result)
-
-        threads = [threading.Thread(target=work, args=(c,)) for c in self.clones]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-    def collect(self) -> int:
-        """Fetch every finished experiment from the clones into the project; returns how many."""
-        n = 0
-        for clone in self.clones:
-            refs = [r for r in _git(clone, "for-each-ref", "--format=%(refname)", "refs/exps").split()
-                    if not r.startswith("refs/exps/exec/")]
-            if refs:
-                _git(self.project, "fetch", "-q", str(clone), *[f"+{r}:{r}" for r in refs])
-                n += len(refs)
-        return n
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _dvc_cache_dir(project: Path) -> Path:
-    r = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=project, capture_output=True, text=True,
-                       env=dvc_env(), check=True)
-    return Path(r.stdout.strip()).resolve()
+    pool.run([experiments.Experiment(job.name, [experiments.override(k, v) for k, v in job.params.items()], job.target)
+              for job in todo.values()], finished)
+    if failed:
+        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise RuntimeError(f"scenarios: experiment {failed[0].experiment.name} failed{others}:\n{failed[0].tail(40)}")
 
 
 def run_study(study: Study, project: Path, results_file: Path, workers: int = 2, log=print) -> dict:
@@ -278,9 +208,8 @@ def run_study(study: Study, project: Path, results_file: Path, workers: int = 2,
         log(f"{job.name}: {', '.join(accs) or 'done'} ({result['seconds']} s; ran {', '.join(result['ran']) or 'nothing'})")
 
     start = time.perf_counter()
-    pool = Workers(project, workers)
-    try:
-        pool.run(tuning_jobs(study), results["tuning"], record)
+    with experiments.Pool(project, experiments.cpu_slots(workers)) as pool:
+        run_jobs(pool, tuning_jobs(study), results["tuning"], record)
         chosen = {}
         for domain in study.domains:
             for label, _, _ in study.strategies:
@@ -289,10 +218,8 @@ def run_study(study: Study, project: Path, results_file: Path, workers: int = 2,
                 best = max(tried, key=lambda c: (c["val_acc"], -c["lr"]))  # ties: the smaller lr
                 chosen[f"{domain}/{label}"] = best["lr"]
         results["chosen_lr"] = chosen
-        pool.run(study_jobs(study, chosen), results["cells"], record)
-        results["experiments_fetched"] = pool.collect()
-    finally:
-        pool.close()
+        run_jobs(pool, study_jobs(study, chosen), results["cells"], record)
+        results["experiments_fetched"] = len(pool.collect())
     results["study"] = dict(budgets=study.budgets, seeds=study.seeds, lrs=study.lrs, head_lrs=study.head_lrs,
                             epochs={str(k): v for k, v in study.epochs.items()}, tune_budget=study.tune_budget,
                             domains=study.domains, common=study.common, workers=workers,
@@ -370,10 +297,6 @@ def figure(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _git(project: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout
-
-
 def main(argv: list[str] | None = None, study: Study | None = None, project: Path = ROOT, out: Path = OUT) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", help="only rebuild the table and figure from the results file")
@@ -381,7 +304,8 @@ def main(argv: list[str] | None = None, study: Study | None = None, project: Pat
     args = ap.parse_args(argv)
     results_file = out / "scenarios.json"
     if not args.report:
-        results = run_study(study or full_study(), project, results_file, workers=max(1, args.workers))
+        with experiments.sigterm_as_interrupt():  # `kill` cleans up like Ctrl-C: the clones go
+            results = run_study(study or full_study(), project, results_file, workers=max(1, args.workers))
     results = json.loads(results_file.read_text())
     (out / "scenarios.md").write_text(table(results))
     figure(results, out / "scenarios.png")
