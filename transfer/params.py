@@ -50,10 +50,14 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (transfer.models uses the same)
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 
-# Params that change how fast a stage runs, never what it writes (tests/test_data.py compares prepare's
-# outputs byte for byte at 1 and 2 decode workers; pretrain decodes through the same code): no stage
-# declares them in dvc.yaml, so changing one re-runs nothing.
-SPEED_ONLY = frozenset({"runtime.workers"})
+# Per stage, the params it reads that change how fast it runs, never what it writes: dvc.yaml does not
+# declare them, so changing one re-runs nothing. runtime.workers: tests/test_data.py compares prepare's
+# outputs byte for byte at 1 and 2 decode workers, and pretrain decodes through the same code.
+# runtime.nproc in extract: tests/test_distributed.py compares the embeddings of 1 and 2 processes byte
+# for byte (each image's embedding is computed alone; the processes only share the rows out). In
+# pretrain and finetune it is declared: data-parallel training sums gradients in another order.
+SPEED_ONLY = {"prepare": frozenset({"runtime.workers"}), "pretrain": frozenset({"runtime.workers"}),
+              "extract": frozenset({"runtime.nproc"})}
 
 SCHEMA: dict[str, Any] = {
     "seed": Field("int", 0, "seed for initialisation, shuffling and augmentation (not for splits: data.split_seed)", min=0),
