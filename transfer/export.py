@@ -71,7 +71,14 @@ def deployable(model: "torch.nn.Module", mean, std) -> "torch.nn.Module":
 
 def export_onnx(net: "torch.nn.Module", path: Path, image_size: int) -> None:
     """ONNX with a dynamic batch dimension (H and W stay fixed: timm's tf_* models bake their SAME
-    padding in at export size). Written atomically."""
+    padding in at export size). Written atomically.
+
+    torch.export's exporter (dynamo=True), although the legacy TorchScript one exported the default
+    Lite0 at 128 px 4.7x faster (8.1 s against 37.9 s on a loaded 2-core machine): the graphs are not
+    the same. The legacy one has 601 nodes (SAME padding recomputed from the input shape, BatchNorm
+    kept) and onnxruntime ran 64 images through it in 2.48 s; torch.export's has 98 (padding
+    constant, BatchNorm folded) and ran them in 1.43 s. Every deployment pays the runtime, convert pays
+    the export once per model (DVC's run cache restores it for a model already exported)."""
     import torch
 
     example = torch.zeros((2, 3, image_size, image_size), dtype=torch.uint8)
