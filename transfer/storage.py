@@ -184,6 +184,8 @@ class Images:
                 raise IndexError(f"index out of range for {len(self)} images")
         if out.dtype != np.uint8 or not out.flags.c_contiguous or out.size != count * self._row:
             raise ValueError(f"read_into needs a C-contiguous uint8 array of {count} rows, got {out.dtype} {out.shape}")
+        if count == 0:
+            return
         flat = memoryview(out.reshape(-1))
         with _opened(self.path) as fd:
             if isinstance(rows, slice):
