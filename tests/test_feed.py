@@ -71,7 +71,10 @@ def test_a_held_batch_is_never_overwritten(tmp_path, small_parts):
         if previous is not None:
             assert torch.equal(previous, torch.from_numpy(want[4 * i - 4:4 * i]))
         previous = batch
-    assert f.buffers_allocated == 2 + 2
+    assert f.buffers_used == 2 + 2
+    again = Feed(images, batches, device="cpu", threads=2, depth=2)
+    assert all(torch.equal(b, torch.from_numpy(want[4 * i:4 * i + 4])) for i, b in enumerate(again))
+    assert again.buffers_new <= 1  # the buffers left free by the first feed (all but the one `previous` holds)
 
 
 def test_batches_a_consumer_keeps_are_left_to_it(tmp_path, small_parts):
@@ -84,7 +87,7 @@ def test_batches_a_consumer_keeps_are_left_to_it(tmp_path, small_parts):
     f = Feed(images, batches, device="cpu", threads=2, depth=1)
     first_rows = [batch[0] for batch in f]  # views: the batch itself is dropped, its buffer is not free
     assert all(torch.equal(row, torch.from_numpy(want[4 * i])) for i, row in enumerate(first_rows))
-    assert f.buffers_allocated == len(batches)
+    assert f.buffers_used == len(batches)
 
 
 def test_a_truncated_file_stops_the_consumer_with_the_reason(tmp_path, small_parts):
@@ -127,7 +130,7 @@ def test_a_tensor_is_sliced_directly_on_the_cpu():
     f = Feed(images, [slice(0, 6), torch.tensor([9, 0])], device="cpu")
     first, second = f
     assert first.data_ptr() == images.data_ptr() and torch.equal(second, images[[9, 0]])
-    assert f.buffers_allocated == 0
+    assert f.buffers_used == 0
 
 
 def test_predictions_and_training_from_the_file_equal_those_from_memory(tmp_path):
@@ -173,7 +176,7 @@ def test_cuda_batches_arrive_on_the_device_intact_behind_a_busy_stream(tmp_path)
     for got, key in sums:
         rows = want[key] if isinstance(key, slice) else want[key.numpy()]
         assert torch.equal(got.cpu(), torch.from_numpy(rows).int().sum((1, 2, 3)))
-    assert f.buffers_allocated == 2 + 2
+    assert f.buffers_used == 2 + 2
     memory = torch.from_numpy(want)  # a CPU tensor for a CUDA target is staged through pinned memory too
     assert torch.equal(torch.cat([b.cpu() for b in Feed(memory, batches[:-1], device=device)]), memory)
     kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=32, device=device, amp=False)

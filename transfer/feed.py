@@ -20,6 +20,7 @@ for a CPU target or a tensor already on the GPU nothing needs reading, and a cop
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -35,6 +36,37 @@ DEFAULT_THREADS = min(4, len(os.sched_getaffinity(0)))
 # Smaller parts than this are not split between threads: a task costs ~50 us to hand over, about
 # what reading 1 MiB from the page cache takes.
 MIN_PART_BYTES = 1 << 20
+
+
+# CPU staging buffers a finished Feed left free are kept (up to this much) for the next Feed: fit
+# makes one per epoch and predict one per call, and memory touched for the first time cost 3 s per
+# GB on this project's VM, five times what reading into it costs. (Pinned buffers need no such
+# list: torch's caching host allocator keeps them.)
+SPARE_BYTES = 1 << 30
+
+
+class _Spares:
+    def __init__(self, limit: int):
+        self.limit, self.buffers, self.lock = limit, [], threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """The smallest spare flat uint8 buffer of at least nbytes, or None."""
+        with self.lock:
+            fits = [i for i, b in enumerate(self.buffers) if b.numel() >= nbytes]
+            if not fits:
+                return None
+            return self.buffers.pop(min(fits, key=lambda i: self.buffers[i].numel()))
+
+    def give(self, buffer: torch.Tensor) -> None:
+        """Keep `buffer` (no longer referenced by anyone else) for a later Feed; the largest are kept."""
+        with self.lock:
+            self.buffers.append(buffer.view(-1))
+            self.buffers.sort(key=torch.Tensor.numel, reverse=True)
+            while sum(b.numel() for b in self.buffers) > self.limit:
+                self.buffers.pop()
+
+
+_spares = _Spares(SPARE_BYTES)
 
 
 def _storage_refs(buffer: torch.Tensor) -> int:
@@ -88,7 +120,8 @@ class Feed:
             raise ValueError(f"Feed needs threads >= 1 and depth >= 1, got threads={threads}, depth={depth}")
         self.images, self.device, self.threads, self.depth = images, torch.device(device), threads, depth
         self.keys = [self._key(b) for b in batches]
-        self.buffers_allocated = 0  # staging buffers made: depth + 2 unless the consumer keeps batches
+        self.buffers_used = 0  # staging buffers: depth + 2, one more for each batch the consumer keeps
+        self.buffers_new = 0  # ... of which were allocated, not spares left by an earlier Feed
 
     def _key(self, batch):
         """A slice as (start, stop); anything else as an int64 array of row numbers."""
@@ -126,10 +159,14 @@ class Feed:
         return [(lo, hi, key[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
 
     def _new_buffer(self, rows: int) -> torch.Tensor:
+        shape = (rows, *self.images.shape[1:])
+        self.buffers_used += 1
+        if self.device.type == "cpu" and (spare := _spares.take(int(np.prod(shape)))) is not None:
+            return spare[:int(np.prod(shape))].view(shape)
         # Not an inference tensor even under inference_mode, so the threads may write into it.
         with torch.inference_mode(False):
-            buffer = torch.empty((rows, *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        self.buffers_allocated += 1
+            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        self.buffers_new += 1
         return buffer
 
     def _staged(self) -> Iterator[torch.Tensor]:
@@ -142,6 +179,7 @@ class Feed:
         copy = _SideStreamCopy(self.device) if cuda else None
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="feed")
         pending: deque = deque()
+        batch = None
 
         def submit(i: int) -> None:
             slot = i % len(ring)
@@ -169,3 +207,8 @@ class Feed:
             pool.shutdown(wait=True, cancel_futures=True)
             if cuda:
                 copy.stream.synchronize()  # no copy still reads a buffer that is about to be freed
+            else:
+                batch = None
+                for buffer, refs in zip(ring, free_refs):
+                    if _storage_refs(buffer) == refs:  # not a batch the consumer still holds
+                        _spares.give(buffer)
