@@ -56,6 +56,13 @@ def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: i
     save_tensors(labels_file(folder, split), {"labels": labels}, meta=meta)
 
 
+def _aligned_rows(n: int, row_shape) -> np.ndarray:
+    """An uninitialised uint8 (n, *row_shape) array on a 64-byte boundary (torch's allocator), where
+    numpy and bytearray start 16 bytes past one: the kernel copied the page cache into those at
+    0.6 GB/s, against 1.6 GB/s into aligned memory (preadv on this project's VM)."""
+    return torch.empty((n, *row_shape), dtype=torch.uint8).numpy()
+
+
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[int]:
     """One descriptor for all the reads of one access (a batch), not one per row."""
@@ -164,9 +171,9 @@ class Images:
 
     def _read(self, fd: int, start: int, stop: int) -> np.ndarray:
         n = max(0, stop - start)
-        buf = bytearray(n * self._row)
-        self._fill(fd, [memoryview(buf)], start)
-        return np.frombuffer(buf, dtype=np.uint8).reshape(n, *self.shape[1:])
+        out = _aligned_rows(n, self.shape[1:])
+        self._fill(fd, [memoryview(out.reshape(-1))], start)
+        return out
 
     def read_into(self, out: np.ndarray, rows: "slice | np.ndarray") -> None:
         """Rows `rows` (a slice of step 1, or row numbers in any order, repeats allowed) into `out`, a
@@ -210,7 +217,7 @@ class Images:
         idx = torch.as_tensor(key).reshape(-1).long()
         if scalar and len(idx) and idx[0] < 0:  # images[-1], as a tensor allows
             idx = idx + len(self)
-        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
+        out = _aligned_rows(len(idx), self.shape[1:])
         self.read_into(out, idx.numpy())
         return torch.from_numpy(out[0] if scalar else out)
 
