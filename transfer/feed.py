@@ -28,8 +28,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from transfer.storage import Images
-
 # Enough readers to keep one H200 fed from the page cache (6 GB/s at 224 px; one thread copies
 # 2-4 GB/s), without taking every core from the consumer on small machines.
 DEFAULT_THREADS = min(4, len(os.sched_getaffinity(0)))
@@ -101,7 +99,7 @@ def _read_part(images, buffer: torch.Tensor, lo: int, hi: int, rows, copied) -> 
     if copied is not None:
         copied.synchronize()
     out = buffer[lo:hi]
-    if isinstance(images, Images):
+    if not torch.is_tensor(images):  # storage.Images, or anything else that reads rows into an array
         images.read_into(out.numpy(), rows)
     elif isinstance(rows, slice):
         out.copy_(images[rows])
@@ -110,8 +108,8 @@ def _read_part(images, buffer: torch.Tensor, lo: int, hi: int, rows, copied) -> 
 
 
 class Feed:
-    """The batches `batches` (slices of step 1, or index tensors/arrays) of `images` (storage.Images
-    or a uint8 tensor), as uint8 tensors on `device`, read by `threads` threads `depth` batches ahead.
+    """The batches `batches` (slices of step 1, or index tensors/arrays) of `images` (a uint8 tensor,
+    or storage.Images: anything with a shape and read_into(array, rows)), as uint8 tensors on `device`, read by `threads` threads `depth` batches ahead.
     Iterate once; stopping early (break, close, an exception) cancels the reads and ends the threads."""
 
     def __init__(self, images, batches: Sequence, *, device: torch.device, threads: int | None = None, depth: int = 2):
