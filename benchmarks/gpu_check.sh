@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU verification, in one command for whoever has a CUDA machine (CI has none):
 #   1. the GPU tests (pytest -m gpu);
-#   2. the benchmark at 224 px on CUDA (extraction and fine-tuning against the tutorials' loop);
+#   2. the host feed at 224 px (benchmarks/feed.py: the old path and Feed against the split resident
+#      on the GPU, and resnet18 extraction fed from the file against resident);
 #   3. the pipeline's own stages end to end on CUDA at 224 px, in a scratch copy of the repository,
-#      then predict on the GPU and with onnxruntime.
+#      then predict on the GPU and with onnxruntime;
+#   4. the benchmark at 224 px on CUDA (extraction and fine-tuning against the tutorials' loop).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR   (logs, results and metrics land in OUT_DIR)
 # Each part has its own time limit so one that hangs cannot take the others' results with it.
 set -u
@@ -21,7 +23,12 @@ nvidia-smi -L
 $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 
 part "pytest -m gpu"
-timeout 240 $PY -m pytest -m gpu -p no:cacheprovider -n 0 -q tests/test_gpu.py 2>&1 | tail -15
+timeout 240 $PY -m pytest -m gpu -p no:cacheprovider -n 0 -q tests/test_gpu.py tests/test_feed.py 2>&1 | tail -15
+
+part "host feed, CUDA, 224 px"
+# 20,000 images (3 GB) written to /tmp and read from the page cache; about a minute and a half.
+timeout 300 $PY -m benchmarks.feed --device cuda --images 20000 --threads 1 2 4 8 --arch resnet18
+cp "$(ls -t benchmarks/results/feed-cuda-*.json | head -1)" "$OUT/" 2>/dev/null
 
 part "pipeline stages on CUDA, 224 px"
 work=$(mktemp -d)
@@ -67,5 +74,5 @@ rm -rf "$work"
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 part "benchmark, CUDA, 224 px"
 timeout 420 $PY -m benchmarks.run --device cuda --image-size 224 --skip-dvc
-cp "$(ls -t benchmarks/results/*.json | head -1)" "$OUT/" 2>/dev/null
+cp "$(ls -t benchmarks/results/cuda-*.json | head -1)" "$OUT/" 2>/dev/null
 part done
