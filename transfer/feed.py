@@ -28,18 +28,18 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-# Enough readers to keep one H200 fed from the page cache (6 GB/s at 224 px; one thread copies
-# 2-4 GB/s), without taking every core from the consumer on small machines.
+# Enough readers to keep one H200 fed from the page cache (6 GB/s at 224 px; one thread copied up
+# to 4 GB/s on this project's VM), without taking every core from the consumer on small machines.
 DEFAULT_THREADS = min(4, len(os.sched_getaffinity(0)))
-# Smaller parts than this are not split between threads: a task costs ~50 us to hand over, about
-# what reading 1 MiB from the page cache takes.
-MIN_PART_BYTES = 1 << 20
+# Smaller parts than this are not split between threads: handing a task to a thread and back took
+# ~150 us here, and reading 4 MiB from the page cache about 1 ms.
+MIN_PART_BYTES = 4 << 20
 
 
 # CPU staging buffers a finished Feed left free are kept (up to this much) for the next Feed: fit
 # makes one per epoch and predict one per call, and memory touched for the first time cost 3 s per
-# GB on this project's VM, five times what reading into it costs. (Pinned buffers need no such
-# list: torch's caching host allocator keeps them.)
+# GB on this project's VM, four to five times what reading into it costs. (Pinned buffers need no
+# such list: torch's caching host allocator keeps them.)
 SPARE_BYTES = 1 << 30
 
 
