@@ -2,8 +2,9 @@
 
 Feed(images, batches, device=...) yields the uint8 (B, 3, S, S) batches asked for, in order: rows
 [a, b) for inference (slices), any rows for training (index tensors). Behind it:
-- several threads read each batch (os.preadv releases the GIL) straight into staging buffers
-  allocated once per Feed, pinned when the target is CUDA, `depth` batches ahead of the consumer;
+- several threads read each batch (os.preadv releases the GIL) straight into a ring of staging
+  buffers, `depth` batches ahead of the consumer. The buffers are allocated once: pinned ones are
+  kept by torch's caching host allocator, CPU ones by this module, for the next Feed;
 - on CUDA each batch is copied to the device on a side stream; the consumer's stream waits for that
   copy alone, and a staging buffer is refilled only after its copy has finished;
 - normalisation stays on the device (training.to_input), so the host moves uint8, a quarter of float32.
@@ -109,8 +110,9 @@ def _read_part(images, buffer: torch.Tensor, lo: int, hi: int, rows, copied) -> 
 
 class Feed:
     """The batches `batches` (slices of step 1, or index tensors/arrays) of `images` (a uint8 tensor,
-    or storage.Images: anything with a shape and read_into(array, rows)), as uint8 tensors on `device`, read by `threads` threads `depth` batches ahead.
-    Iterate once; stopping early (break, close, an exception) cancels the reads and ends the threads."""
+    or storage.Images: anything with a shape and read_into(array, rows)), as uint8 tensors on
+    `device`, read by `threads` threads `depth` batches ahead. Stopping early (break, close, an
+    exception) cancels the reads not yet started and waits for the others: no thread outlives it."""
 
     def __init__(self, images, batches: Sequence, *, device: torch.device, threads: int | None = None, depth: int = 2):
         threads = DEFAULT_THREADS if threads is None else threads
@@ -122,7 +124,7 @@ class Feed:
         self.buffers_new = 0  # ... of which were allocated, not spares left by an earlier Feed
 
     def _key(self, batch):
-        """A slice as (start, stop); anything else as an int64 array of row numbers."""
+        """A slice with its bounds resolved; anything else as an int64 array of row numbers."""
         if isinstance(batch, slice):
             start, stop, step = batch.indices(len(self.images))
             if step != 1:
