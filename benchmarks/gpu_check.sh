@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU verification, in one command for whoever has a CUDA machine (CI has none):
 #   1. the GPU tests (pytest -m gpu);
-#   2. the benchmark at 224 px on CUDA (extraction and fine-tuning against the tutorials' loop);
+#   2. the host feed at 224 px (benchmarks/feed.py: the old path and Feed against the split resident
+#      on the GPU, and resnet18 extraction fed from the file against resident);
 #   3. the pipeline's own stages end to end on CUDA at 224 px, in a scratch copy of the repository,
-#      then predict on the GPU and with onnxruntime.
-# Usage: bash benchmarks/gpu_check.sh OUT_DIR   (logs, results and metrics land in OUT_DIR)
+#      then predict on the GPU and with onnxruntime;
+#   4. the benchmark at 224 px on CUDA (extraction and fine-tuning against the tutorials' loop).
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR   (logs, results and metrics land in OUT_DIR;
+#   COMPILE=0 or 1 sets runtime.compile for the pipeline part, which otherwise compiles on CUDA)
 # Each part has its own time limit so one that hangs cannot take the others' results with it.
 set -u
 OUT=$(mkdir -p "${1:?usage: gpu_check.sh OUT_DIR}" && cd "$1" && pwd)
@@ -21,7 +24,12 @@ nvidia-smi -L
 $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 
 part "pytest -m gpu"
-timeout 240 $PY -m pytest -m gpu -p no:cacheprovider -n 0 -q tests/test_gpu.py 2>&1 | tail -15
+timeout 360 $PY -m pytest -m gpu -p no:cacheprovider -n 0 -q tests/test_gpu.py tests/test_feed.py 2>&1 | tail -15
+
+part "host feed, CUDA, 224 px"
+# 20,000 images (3 GB) written to /tmp and read from the page cache; about a minute and a half.
+timeout 300 $PY -m benchmarks.feed --device cuda --images 20000 --threads 1 2 4 8 --arch resnet18
+cp "$(ls -t benchmarks/results/feed-cuda-*.json | head -1)" "$OUT/" 2>/dev/null
 
 part "pipeline stages on CUDA, 224 px"
 work=$(mktemp -d)
@@ -39,11 +47,14 @@ import os
 p["data"].update(image_size=int(os.environ.get("SIZE", 224)), train_per_class=500, eval_per_class=300)
 p["finetune"].update(epochs=3, batch_size=64)
 p["runtime"].update(device=os.environ.get("DEVICE", "cuda"), workers=8)
+if os.environ.get("COMPILE"):  # runtime.compile: null (the default) compiles on CUDA; COMPILE=0 or 1 decides
+    p["runtime"]["compile"] = os.environ["COMPILE"] == "1"
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 EOF
+  # 300 s a stage: torch.compile's first compile of each graph in extract and finetune is not measured yet.
   for stage in prepare pretrain extract train_head finetune evaluate convert; do
     start=$(date +%s.%N)
-    timeout 180 $PY -m stages.$stage || { echo "stage $stage failed"; break; }
+    timeout 300 $PY -m stages.$stage || { echo "stage $stage failed"; break; }
     echo "stage $stage: $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $start}") s"
   done
   mkdir -p pngs && $PY -c "
@@ -59,7 +70,7 @@ import json
 e = json.load(open('metrics/evaluate/metrics.json')); c = json.load(open('metrics/convert.json'))
 print('evaluate:', {k: v for k, v in e.items() if not isinstance(v, dict)})
 print('convert:', {k: v for k, v in c.items() if 'agreement' in k or 'diff' in k})
-for f in ('logs/prepare_timing.json', 'logs/finetune_timing.json'): print(f, open(f).read().strip()[:400])
+for f in ('logs/prepare_timing.json', 'logs/extract_timing.json', 'logs/finetune_timing.json'): print(f, open(f).read().strip()[:400])
 " 2>&1
 )
 rm -rf "$work"
@@ -67,5 +78,5 @@ rm -rf "$work"
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 part "benchmark, CUDA, 224 px"
 timeout 420 $PY -m benchmarks.run --device cuda --image-size 224 --skip-dvc
-cp "$(ls -t benchmarks/results/*.json | head -1)" "$OUT/" 2>/dev/null
+cp "$(ls -t benchmarks/results/cuda-*.json | head -1)" "$OUT/" 2>/dev/null
 part done

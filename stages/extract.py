@@ -18,13 +18,16 @@ EMBEDDED_SPLITS = ("train", "val")
 
 
 def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path, batch_size: int,
-                       device: torch.device, amp: bool) -> dict:
-    """Run the frozen backbone (eval mode, inference_mode, batched) over each split; store the embeddings.
-    Under torchrun each rank embeds its contiguous share of every split and rank 0 writes them all."""
+                       device: torch.device, amp: bool, compile: bool = False) -> dict:
+    """Run the frozen backbone (eval mode, inference_mode, batched, through torch.compile with
+    `compile`) over each split; store the embeddings. Under torchrun each rank embeds its
+    contiguous share of every split and rank 0 writes them all."""
     import torch.distributed as dist
 
     rank, world = training.rank_and_world()
     backbone, info = models.load_backbone(backbone_dir)
+    if compile:
+        backbone = torch.compile(backbone)
     stats = {}
     for split in EMBEDDED_SPLITS:
         tensors, meta = storage.read_split(prepared_dir, split)
@@ -64,7 +67,7 @@ def extract_embeddings(*, backbone_dir: Path, prepared_dir: Path, out_dir: Path,
         seconds = time.perf_counter() - start
         stats[split] = dict(images=len(images), seconds=round(seconds, 3),
                             images_per_second=round(len(images) / seconds, 1) if seconds > 0 else None)
-    return dict(device=str(device), feature_dim=info["feature_dim"], processes=world, splits=stats)
+    return dict(device=str(device), feature_dim=info["feature_dim"], processes=world, compiled=compile, splits=stats)
 
 
 def main() -> None:
@@ -72,10 +75,11 @@ def main() -> None:
     training.launch(p.runtime.nproc, "stages.extract")
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
     rank, _ = training.init_distributed()
+    device = training.pick_device(p.runtime.device)
     try:
         stats = extract_embeddings(backbone_dir=paths.BACKBONE_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EMBEDDINGS,
-                                   batch_size=p.extract.batch_size, device=training.pick_device(p.runtime.device),
-                                   amp=p.runtime.amp)
+                                   batch_size=p.extract.batch_size, device=device, amp=p.runtime.amp,
+                                   compile=training.compile_enabled(p.runtime.compile, device))
     finally:
         training.finish_distributed()
     if rank:

@@ -98,6 +98,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
         _, world = training.rank_and_world()
         fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device, world=world) if f.resume else ""
         train, _ = storage.read_split(prepared_dir, "train")
+        compiled = training.compile_enabled(p.runtime.compile, device)
         start = time.perf_counter()
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
@@ -108,7 +109,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             scheduler=f.scheduler, step_size=f.step_size, gamma=f.gamma, augment_pad=f.augment_pad,
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
             eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
-            fingerprint=fingerprint, eval_every=f.eval_every, val_subset=f.val_images)
+            fingerprint=fingerprint, eval_every=f.eval_every, val_subset=f.val_images, compile=compiled)
         seconds = time.perf_counter() - start
         if f.val_images is not None and f.val_images < len(val["labels"]):
             # A subset chose the epoch; the number reported is the whole split's, for the weights kept.
@@ -118,7 +119,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             val_all = training.accuracy(logits, val["labels"])
         if timing_path is not None and rank == 0:
             write_json(timing_path, dict(epochs=f.epochs, train_images=len(train["labels"]), seconds=round(seconds, 3),
-                                         seconds_per_epoch=round(seconds / max(1, f.epochs), 3), device=str(device)))
+                                         seconds_per_epoch=round(seconds / max(1, f.epochs), 3), device=str(device),
+                                         compiled=compiled))
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
     metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"],
                    trainable_params=trainable, total_params=sum(q.numel() for q in model.parameters()))
@@ -141,6 +143,7 @@ def _fingerprint(p: Params, prepared_dir: Path, backbone_dir: Path, head_dir: Pa
     and every rank must reach the same verdict on the one checkpoint."""
     parts = dict(strategy=p.strategy, finetune={k: v for k, v in p.finetune.items() if k != "resume"}, seed=p.seed,
                  amp=p.runtime.amp, deterministic=p.runtime.deterministic, device=device.type, world=world,
+                 compile=training.compile_enabled(p.runtime.compile, device),
                  eval_batch_size=p.evaluate.batch_size,
                  data={str(f): sha256_file(f) for split in ("train", "val")
                        for f in (storage.images_file(prepared_dir, split), storage.labels_file(prepared_dir, split))},

@@ -43,3 +43,17 @@ def test_scale_benchmark_runs_on_tiny_data(tmp_path):
     assert result["tutorial_decode"]["images"] == 40
     assert set(result["stages"]) == set(scale.STAGES) and all(s["peak_rss_mb"] > 0 for s in result["stages"].values())
     assert result["decode_speedup"] > 0
+
+
+def test_feed_benchmark_runs_on_tiny_data(tmp_path):
+    """benchmarks/feed.py on 100 images at 16 px: every way of feeding delivers every image, and the
+    scratch split is removed (its numbers come from `python -m benchmarks.feed`, never from here)."""
+    from benchmarks import feed
+
+    result = feed.measure(workdir=tmp_path, images=100, image_size=16, batch_size=32, threads=[1, 2], repeats=2)
+    assert set(result["results"]) == {"old", "feed-1t", "feed-2t", "feed-shuffled-2t", "memcpy-1t", "memcpy-2t"}
+    for r in result["results"].values():
+        assert r["images"] == 100 and len(r["runs_seconds"]) == 2 and r["images_per_second"] > 0
+        assert r["gb_per_second"] == pytest.approx(r["images_per_second"] * 3 * 16 * 16 / 1e9, abs=1e-3)
+    assert result["page_cache_read_gb_per_second"] > 0
+    assert list(tmp_path.iterdir()) == []

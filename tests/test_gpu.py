@@ -68,3 +68,28 @@ def test_deterministic_finetune_on_gpu_is_bit_identical(arch):
         assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_compiled_extraction_and_finetuning_match_eager():
+    """runtime.compile on CUDA (inductor's kernels): embeddings within the fp32 bound of
+    test_gpu_predictions_match_cpu, and a compiled fine-tune saves the model's own keys and learns."""
+    images, labels = _data(n=70)
+    backbone, dim = models.build_backbone("resnet18", 32)
+    kw = dict(mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, batch_size=32, device=torch.device("cuda"), amp=False)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        eager = training.predict(backbone, images, **kw)
+        compiled = training.predict(torch.compile(backbone), images, **kw)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert (eager - compiled).abs().max() <= 1e-4 * eager.abs().max()
+    model = models.Classifier(backbone, models.make_head("linear", dim, 3))
+    best, history, _ = training.fit(
+        model, train_images=images, train_labels=labels, val_images=images[:16], val_labels=labels[:16],
+        param_groups=[{"params": model.parameters(), "lr": 0.01}], epochs=2, batch_size=16, momentum=0.9,
+        weight_decay=0.0, scheduler="cosine", step_size=1, gamma=1.0, augment_pad=2, augment_hflip=True,
+        mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=torch.device("cuda"), amp=True, seed=0,
+        compile=True, log=lambda _: None)
+    assert set(best) == set(model.state_dict()) and len(history) == 2
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)

@@ -123,4 +123,5 @@ def test_reads_are_recorded_only_after_validation():
         assert p.finetune.lr == 0.01
         dict(p.runtime.items())
         validate(raw)
-    assert reads == {"finetune.lr", "runtime.device", "runtime.threads", "runtime.nproc", "runtime.workers", "runtime.deterministic", "runtime.amp"}
+    assert reads == {"finetune.lr", "runtime.device", "runtime.threads", "runtime.nproc", "runtime.workers", "runtime.deterministic", "runtime.amp",
+                     "runtime.compile"}

@@ -395,3 +395,26 @@ def test_stages_stop_when_the_prepared_classes_are_not_the_models(in_tmp):
             assert msg.endswith(f"on this data {fix}"), msg
     assert (in_tmp / "models/model/model.safetensors").read_bytes() == model_before
     assert not (in_tmp / "metrics/evaluate").exists() and not (in_tmp / "models/export").exists()
+
+
+def test_compile_changes_how_the_model_runs_not_what_it_saves(in_tmp, monkeypatch):
+    """runtime.compile: extract and finetune run their model through torch.compile and save exactly
+    what eager mode saves (no "_orig_mod." key, no other byte). Here with torch.compile's eager
+    backend, which captures the graphs without generating code, so no number may move; inductor's
+    own kernels are compared on a GPU (test_gpu.py)."""
+    params = tiny_params(strategy="finetune", data={"crop_pct": 1.0}, pretrained={"source": "none"})
+    write_params(in_tmp, params)
+    run_pipeline(in_tmp, STAGES[:5])
+    eager = snapshot(in_tmp)
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or compile(model, backend="eager"))
+    write_params(in_tmp, tiny_params(strategy="finetune", data={"crop_pct": 1.0}, pretrained={"source": "none"},
+                                     runtime={"compile": True}))
+    for stage in ("extract", "finetune"):
+        run_stage(stage, in_tmp)
+    assert len(compiled) == 3  # extract's backbone; finetune's training step and its validation
+    assert snapshot(in_tmp) == eager
+    write_params(in_tmp, params)  # false, the default: eager
+    compiled.clear()
+    run_stage("finetune", in_tmp)
+    assert compiled == []

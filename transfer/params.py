@@ -160,6 +160,10 @@ SCHEMA: dict[str, Any] = {
         "workers": Field("int", 0, "processes that decode images in prepare; 0 = all cores (outputs are identical for any count)", min=0),
         "deterministic": Field("bool", False, "deterministic algorithms (slower on GPU; CPU runs are deterministic anyway)"),
         "amp": Field("bool", True, "bfloat16 autocast on CUDA; on CPUs with native bf16 (AVX512-BF16/AMX) for inference only"),
+        # Off unless asked: compiling Lite0 costs tens of seconds per process, more than a 5-shot fine-tune
+        # trains, and what it buys on a GPU has not been measured here yet (no device was lent).
+        "compile": Field("bool", False, "torch.compile the model in extract and finetune; null = on CUDA only (CPU runs stay in eager mode)",
+                         nullable=True),
     },
 }
 

@@ -18,6 +18,8 @@ import torch
 from transfer.cli import UserError
 from transfer.io import NO_SPACE, atomic_open, load_tensors, no_space_error, save_tensors
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024  # buffers one preadv takes
+
 
 def images_file(folder: Path, split: str) -> Path:
     return Path(folder) / f"{split}.images.npy"
@@ -52,6 +54,13 @@ def write_split(folder: Path, split: str, images: Iterable[np.ndarray], count: i
         if written != count:
             raise ValueError(f"{split}: {written} images written, {count} announced")
     save_tensors(labels_file(folder, split), {"labels": labels}, meta=meta)
+
+
+def _aligned_rows(n: int, row_shape) -> np.ndarray:
+    """An uninitialised uint8 (n, *row_shape) array on a 64-byte boundary (torch's allocator), where
+    numpy and bytearray start 16 bytes past one: the kernel copied the page cache into those at
+    0.6 GB/s, against 1.6 GB/s into aligned memory (preadv on this project's VM)."""
+    return torch.empty((n, *row_shape), dtype=torch.uint8).numpy()
 
 
 @contextlib.contextmanager
@@ -144,16 +153,57 @@ class Images:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _read(self, fd: int, start: int, stop: int) -> np.ndarray:
-        n = max(0, stop - start)
-        buf = bytearray(n * self._row)
-        view, pos = memoryview(buf), self._offset + start * self._row
-        while view:
-            got = os.preadv(fd, [view], pos)
+    def _fill(self, fd: int, views: list[memoryview], row: int) -> None:
+        """Fill `views` (whole rows, in order) with the file's consecutive rows from `row` on: one preadv
+        per IOV_MAX buffers, and again after a short read, which the kernel may return at any size."""
+        views, pos, i = [v for v in views if len(v)], self._offset + row * self._row, 0
+        while i < len(views):
+            got = os.preadv(fd, views[i:i + IOV_MAX], pos)
             if got == 0:
                 raise EOFError(f"{self.path}: truncated; re-run prepare")
-            view, pos = view[got:], pos + got
-        return np.frombuffer(buf, dtype=np.uint8).reshape(n, *self.shape[1:])
+            pos += got
+            while got:
+                if got >= len(views[i]):
+                    got -= len(views[i])
+                    i += 1
+                else:
+                    views[i], got = views[i][got:], 0
+
+    def _read(self, fd: int, start: int, stop: int) -> np.ndarray:
+        n = max(0, stop - start)
+        out = _aligned_rows(n, self.shape[1:])
+        self._fill(fd, [memoryview(out.reshape(-1))], start)
+        return out
+
+    def read_into(self, out: np.ndarray, rows: "slice | np.ndarray") -> None:
+        """Rows `rows` (a slice of step 1, or row numbers in any order, repeats allowed) into `out`, a
+        C-contiguous uint8 array holding exactly that many rows. Nothing is allocated, so several
+        threads can each fill their part of one staging buffer (see transfer.feed)."""
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step != 1:
+                raise ValueError(f"read_into takes a slice of step 1, not {step}")
+            count = max(0, stop - start)
+        else:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            count = len(rows)
+            if count and (rows.min() < 0 or rows.max() >= len(self)):
+                raise IndexError(f"index out of range for {len(self)} images")
+        if out.dtype != np.uint8 or not out.flags.c_contiguous or out.size != count * self._row:
+            raise ValueError(f"read_into needs a C-contiguous uint8 array of {count} rows, got {out.dtype} {out.shape}")
+        if count == 0:
+            return
+        flat = memoryview(out.reshape(-1))
+        with _opened(self.path) as fd:
+            if isinstance(rows, slice):
+                self._fill(fd, [flat], start)
+                return
+            # Sorted, each run of consecutive file rows is one call that scatters the rows straight to
+            # their places in `out` (a shuffled batch is mostly runs of one).
+            order = np.argsort(rows, kind="stable")
+            runs = np.split(order, np.flatnonzero(np.diff(rows[order]) != 1) + 1)
+            for run in runs:
+                self._fill(fd, [flat[k * self._row:(k + 1) * self._row] for k in run.tolist()], int(rows[run[0]]))
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
@@ -167,20 +217,8 @@ class Images:
         idx = torch.as_tensor(key).reshape(-1).long()
         if scalar and len(idx) and idx[0] < 0:  # images[-1], as a tensor allows
             idx = idx + len(self)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"index out of range for {len(self)} images")
-        out = np.empty((len(idx), *self.shape[1:]), dtype=np.uint8)
-        # Sorted, runs of consecutive rows are read with one call each (a shuffled batch is mostly single rows).
-        order = torch.argsort(idx).tolist()
-        sorted_idx = idx[order].tolist()
-        with _opened(self.path) as fd:
-            i = 0
-            while i < len(sorted_idx):
-                j = i
-                while j + 1 < len(sorted_idx) and sorted_idx[j + 1] == sorted_idx[j] + 1:
-                    j += 1
-                out[order[i:j + 1]] = self._read(fd, sorted_idx[i], sorted_idx[j] + 1)
-                i = j + 1
+        out = _aligned_rows(len(idx), self.shape[1:])
+        self.read_into(out, idx.numpy())
         return torch.from_numpy(out[0] if scalar else out)
 
     def __iter__(self):

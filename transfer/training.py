@@ -9,11 +9,9 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,7 @@ from torch import nn
 
 from transfer import cli
 from transfer.cli import DeviceError
+from transfer.feed import Feed
 from transfer.io import load_checkpoint, save_checkpoint
 
 
@@ -215,6 +214,12 @@ def autocast(device: torch.device, amp: bool, training: bool = False):
     return nullcontext()
 
 
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """runtime.compile resolved: null means on CUDA only. The CPU default stays eager mode, whose
+    outputs are the byte-identical ones the tests and dvc.lock hold."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
 def training_memory_format(device: torch.device) -> torch.memory_format:
     """channels_last everywhere except CPU training, where fp32 NCHW measured faster here
     (resnet18 32 px, 2-core EPYC: 535 vs 463 img/s); inference is faster channels_last on both."""
@@ -236,25 +241,6 @@ def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
     return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
-def _host(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch ready for the device: pinned for a CUDA target, so the copy can be non-blocking."""
-    return batch.pin_memory() if device.type == "cuda" else batch
-
-
-def prefetch(fetch: Callable, keys: Iterable, depth: int = 2) -> Iterator:
-    """fetch(key) for each key in order, computed up to `depth` keys ahead in one thread: reading the
-    next batch from disk (and pinning it) overlaps the model's work on this one, so a GPU is not
-    left waiting on file reads. The reads release the GIL; on CPU it costs nothing measurable."""
-    keys = list(keys)
-    with ThreadPoolExecutor(1) as pool:
-        pending = deque(pool.submit(fetch, k) for k in keys[:depth])
-        for i in range(len(keys)):
-            item = pending.popleft().result()
-            if i + depth < len(keys):
-                pending.append(pool.submit(fetch, keys[i + depth]))
-            yield item
-
-
 @torch.inference_mode()
 def predict_batches(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int, device: torch.device,
                     amp: bool = True, desc: str | None = None) -> Iterator[torch.Tensor]:
@@ -265,9 +251,9 @@ def predict_batches(model: nn.Module, images: torch.Tensor, *, mean, std, batch_
         yield from (y[:0] for y in predict_batches(model, torch.zeros((1, *images.shape[1:]), dtype=torch.uint8),
                                                    mean=mean, std=std, batch_size=1, device=device, amp=amp))
         return
-    starts = range(0, len(images), batch_size)
+    batches = [slice(s, s + batch_size) for s in range(0, len(images), batch_size)]
     bar = cli.progress(None, desc=desc, total=len(images), unit="img") if desc else None
-    for chunk in prefetch(lambda s: _host(images[s:s + batch_size], device), starts):
+    for chunk in Feed(images, batches, device=device):
         with autocast(device, amp):
             y = model(to_input(chunk, mean=mean, std=std, device=device))
         yield y.float().cpu()
@@ -343,7 +329,7 @@ def recalibrate_batchnorm(model: nn.Module, images, *, mean, std, batch_size: in
         spans = list(zip(bounds, bounds[1:]))
         if synced:
             spans = [_share(lo, hi, rank=rank, world=world) for lo, hi in spans]
-        for chunk in prefetch(lambda span: _host(images[span[0]:span[1]], device), spans):
+        for chunk in Feed(images, [slice(lo, hi) for lo, hi in spans], device=device):
             with autocast(device, amp, training=True):
                 model(to_input(chunk, mean=mean, std=std, device=device, memory_format=memory_format))
     finally:
@@ -439,7 +425,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         weight_decay: float, scheduler: str, step_size: int, gamma: float, augment_pad: int, augment_hflip: bool,
         mean, std, device: torch.device, amp: bool, seed: int, eval_batch_size: int = 512,
         checkpoint: Path | None = None, resume: bool = False, fingerprint: str = "",
-        recalibrate_bn: bool = False, eval_every: int = 1, val_subset: int | None = None,
+        recalibrate_bn: bool = False, eval_every: int = 1, val_subset: int | None = None, compile: bool = False,
         log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
     """SGD training with per-group learning rates; keeps the best-validation weights.
 
@@ -455,6 +441,9 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     With `checkpoint`, the full training state (model, optimizer, scheduler, epoch, every rank's RNG
     states) is written atomically after every epoch; with `resume`, a checkpoint whose fingerprint
     matches these settings is continued, so a killed run ends exactly as an uninterrupted one.
+
+    With `compile`, training steps and validation run through torch.compile; the weights, their
+    names and everything saved are the model's own.
     """
     import torch.distributed as dist
 
@@ -472,6 +461,10 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             model = sync_batchnorm(model, device)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log = log if rank == 0 else (lambda _: None)
+    # Compiled wrappers share the model's parameters; state dicts are taken from the model, so no
+    # "_orig_mod." enters a checkpoint or the saved weights.
+    evaluated = torch.compile(model) if compile else model
+    net = torch.compile(net) if compile else net
     optimizer = torch.optim.SGD(param_groups, momentum=momentum, weight_decay=weight_decay)
     sched = make_scheduler(optimizer, kind=scheduler, epochs=epochs, step_size=step_size, gamma=gamma)
     gen = torch.Generator().manual_seed(seed)
@@ -503,10 +496,9 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         model.train()
         loss_sum, correct, total = 0.0, 0, 0
         order = _epoch_batches(len(train_labels), batch_size, gen)
-        batches = cli.progress(prefetch(lambda i: _host(train_images[i], device), order), desc=f"epoch {epoch}/{epochs}",
+        batches = cli.progress(Feed(train_images, order, device=device), desc=f"epoch {epoch}/{epochs}",
                                total=len(order), unit="batch")
         for batch, idx in zip(batches, order):  # the bar first: it closes when its iterator ends
-            batch = batch.to(device, non_blocking=True)
             if augment_pad or augment_hflip:
                 batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
             y = train_labels_dev[idx.to(device)]
@@ -542,7 +534,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         entry = dict(epoch=epoch, train_loss=loss_sum / total, train_acc=correct / total, lr=lr)
         if epoch % eval_every == 0 or epoch == epochs:
             # Every rank validates the whole subset (the same numbers everywhere, so every rank keeps the same best epoch).
-            val_logits = predict(model, val_seen, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
+            val_logits = predict(evaluated, val_seen, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
             val_acc = accuracy(val_logits, val_seen_labels)
             val_loss = float(F.cross_entropy(val_logits, val_seen_labels)) if len(val_seen_labels) else float("nan")
             entry.update(val_loss=val_loss, val_acc=val_acc)
