@@ -150,8 +150,10 @@ SCHEMA: dict[str, Any] = {
         # check), 0.064 / 0.037 / 0.014 for resnet18 (finetune / feature_extract) and mobilenet_v3_small on
         # the test suite's digits. 0.25 leaves over twice the largest; a broken copy (a tensor flushed to
         # zero or gone to inf) moves logits by whole units, or to NaN.
-        "fp16_tolerance": Field("float", 0.25, "largest logit difference the float16 copy may have on the test split",
-                                min=0.0),
+        # Since then, relative to the largest |logit| (stages/convert.py): a head at train_head.lr 0.02 moved
+        # by 0.253 with logits up to 41.3 (0.6%) and failed the absolute 0.25. 0.02 leaves 3x that.
+        "fp16_tolerance": Field("float", 0.02, "largest logit difference the float16 copy may have on the test sample, "
+                                "as a fraction of the model's largest |logit| there", min=0.0),
     },
     "runtime": {
         "device": Field("str", "auto", "compute device", choices=("auto", "cpu", "cuda")),
