@@ -91,18 +91,19 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     # moved by 0.253, 0.6% of that; the default's moved by 0.07-0.106).
     scale = max(1.0, float(np.abs(ref).max())) if len(ref) else 1.0
     metrics["max_abs_logit"] = round(scale, 4)
+    bounds = {"tolerance": tolerance, "fp16_tolerance": fp16_tolerance * scale}
     # export -> (parity, its file, the param that bounds it): a gated export that is off fails the stage
     checks = {}
     for name, tensors in exports.items():
         path = out_dir / f"model_{name}.safetensors"
         save_tensors(path, tensors, meta={**meta, "dtype": name})
-        bound = fp16_tolerance * scale if name == "fp16" else tolerance
-        result = export.parity(ref, run(models.load_model(path, meta)).numpy(), bound)
+        key = "fp16_tolerance" if name == "fp16" else "tolerance"
+        result = export.parity(ref, run(models.load_model(path, meta)).numpy(), bounds[key])
         metrics[f"{name}_agreement"] = result["agreement"]
         metrics[f"{name}_max_abs_logit_diff"] = result["max_abs_logit_diff"]
         metrics[f"{name}_mb"] = round(path.stat().st_size / 2**20, 3)
         if name == "fp16":
-            checks["fp16"] = (result, path, "fp16_tolerance")
+            checks["fp16"] = (result, path, key)
     metrics["fp16_kept_fp32_tensors"] = len(kept_fp32)
     if metrics["fp32_agreement"] < 1.0 or metrics["fp32_max_abs_logit_diff"] > 1e-4:
         raise export.ExportError(f"the fp32 export does not reproduce the model's predictions: {metrics}")
@@ -128,7 +129,6 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     if onnx:  # (not TorchScript's size: it varies with the names PyTorch gives traced classes)
         metrics["onnx_mb"] = round((out_dir / export.ONNX_FILE).stat().st_size / 2**20, 3)
     write_json(metrics_path, metrics)
-    bounds = {"tolerance": tolerance, "fp16_tolerance": fp16_tolerance * scale}
     # `not <=`: a NaN difference (an export that overflowed) fails too
     bad = {name: (result, key) for name, (result, _, key) in checks.items()
            if not result["max_abs_logit_diff"] <= bounds[key] or result["real_disagreements"]}

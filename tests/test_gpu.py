@@ -47,6 +47,16 @@ def test_gpu_predictions_match_cpu():
     assert torch.nn.functional.cosine_similarity(cpu, bf16).min() > 0.99
 
 
+def _fit_two_epochs(model, images, labels, **extra):
+    """Two epochs of fit on CUDA with bf16 autocast, validating on the first 16 images."""
+    return training.fit(
+        model, train_images=images, train_labels=labels, val_images=images[:16], val_labels=labels[:16],
+        param_groups=[{"params": model.parameters(), "lr": 0.01}], epochs=2, batch_size=16, momentum=0.9,
+        weight_decay=0.0, scheduler="cosine", step_size=1, gamma=1.0, augment_pad=2, augment_hflip=True,
+        mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=torch.device("cuda"), amp=True, seed=0,
+        log=lambda _: None, **extra)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
 def test_deterministic_finetune_on_gpu_is_bit_identical(arch):
     """vgg11's 7x7 adaptive pool has no deterministic CUDA backward: it must train (by matmul), not raise."""
@@ -58,12 +68,7 @@ def test_deterministic_finetune_on_gpu_is_bit_identical(arch):
             torch.manual_seed(0)
             backbone, dim = models.build_backbone(arch, 32)
             model = models.Classifier(backbone, models.make_head("linear", dim, 3))
-            best, _, _ = training.fit(
-                model, train_images=images, train_labels=labels, val_images=images[:16], val_labels=labels[:16],
-                param_groups=[{"params": model.parameters(), "lr": 0.01}], epochs=2, batch_size=16, momentum=0.9,
-                weight_decay=0.0, scheduler="cosine", step_size=1, gamma=1.0, augment_pad=2, augment_hflip=True,
-                mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=torch.device("cuda"), amp=True, seed=0,
-                log=lambda _: None)
+            best, _, _ = _fit_two_epochs(model, images, labels)
             results.append(best)
         assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     finally:
@@ -85,11 +90,6 @@ def test_compiled_extraction_and_finetuning_match_eager():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert (eager - compiled).abs().max() <= 1e-4 * eager.abs().max()
     model = models.Classifier(backbone, models.make_head("linear", dim, 3))
-    best, history, _ = training.fit(
-        model, train_images=images, train_labels=labels, val_images=images[:16], val_labels=labels[:16],
-        param_groups=[{"params": model.parameters(), "lr": 0.01}], epochs=2, batch_size=16, momentum=0.9,
-        weight_decay=0.0, scheduler="cosine", step_size=1, gamma=1.0, augment_pad=2, augment_hflip=True,
-        mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=torch.device("cuda"), amp=True, seed=0,
-        compile=True, log=lambda _: None)
+    best, history, _ = _fit_two_epochs(model, images, labels, compile=True)
     assert set(best) == set(model.state_dict()) and len(history) == 2
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)

@@ -488,9 +488,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             log(f"{checkpoint} was written with other settings; starting from epoch 1")
     train_labels_dev = train_labels.to(device)
     subset = balanced_subset(val_labels, val_subset)
-    val_seen, val_seen_labels = val_images, val_labels
-    if subset is not None:
-        val_seen, val_seen_labels = val_images[subset], val_labels[subset]
+    val_seen, val_seen_labels = (val_images, val_labels) if subset is None else (val_images[subset], val_labels[subset])
     for epoch in range(start, epochs + 1):
         model.to(memory_format=fmt)  # predict() below switches it to channels_last for evaluation
         model.train()
@@ -532,19 +530,19 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             recalibrate_batchnorm(model, train_images, mean=mean, std=std, batch_size=eval_batch_size, device=device,
                                   amp=amp, memory_format=fmt)
         entry = dict(epoch=epoch, train_loss=loss_sum / total, train_acc=correct / total, lr=lr)
+        line = f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}"
         if epoch % eval_every == 0 or epoch == epochs:
             # Every rank validates the whole subset (the same numbers everywhere, so every rank keeps the same best epoch).
             val_logits = predict(evaluated, val_seen, mean=mean, std=std, batch_size=eval_batch_size, device=device, amp=amp)
             val_acc = accuracy(val_logits, val_seen_labels)
             val_loss = float(F.cross_entropy(val_logits, val_seen_labels)) if len(val_seen_labels) else float("nan")
             entry.update(val_loss=val_loss, val_acc=val_acc)
-            log(f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}, val acc {val_acc:.4f}")
+            line += f", val acc {val_acc:.4f}"
             score = val_acc if len(val_seen_labels) else float(epoch)
             if score > best_acc:
                 best_acc, best_epoch = score, epoch
                 best_state = _snapshot(model)
-        else:
-            log(f"epoch {epoch}/{epochs}: train loss {loss_sum / total:.4f} acc {correct / total:.3f}")
+        log(line)
         history.append(entry)
         if checkpoint is not None:
             rng = _rng_states(device, world)  # a collective: every rank takes part
