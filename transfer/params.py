@@ -49,6 +49,7 @@ ARCHS = (
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # PIL's resampling filters
 TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (transfer.models uses the same)
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
+CLASS_WEIGHTS = ("none", "balanced")
 
 # Per stage, the params it reads that change how fast it runs, never what it writes: dvc.yaml does not
 # declare them, so changing one re-runs nothing. runtime.workers: tests/test_data.py compares prepare's
@@ -107,13 +108,16 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Field("int", 512, "inference batch size for embeddings", min=1),
     },
     "train_head": {
-        "kind": Field("str", "linear", "classifier on the embeddings", choices=("linear", "mlp")),
+        "kind": Field("str", "linear", "classifier on the embeddings; logreg: a linear head fitted by L-BFGS with its L2 strength "
+                      "chosen on val (CLIP's linear probe; reads no lr, epochs, weight_decay, batch_size)", choices=("linear", "mlp", "logreg")),
         "hidden": Field("int", 256, "hidden width of the mlp head", min=1),
         "dropout": Field("float", 0.2, "dropout before the last layer of the mlp head", min=0.0, max=0.95),
         "lr": Field("float", 0.01, "AdamW learning rate", min=0.0),
         "epochs": Field("int", 200, "epochs over the cached embeddings", min=1),
         "weight_decay": Field("float", 0.0001, "AdamW weight decay", min=0.0),
         "batch_size": Field("int", 1024, "batch size over embeddings (full batch when larger than the split)", min=1),
+        "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
+                               choices=CLASS_WEIGHTS),
     },
     "finetune": {
         "epochs": Field("int", 15, "epochs for finetune / partial / scratch", min=1),

@@ -355,15 +355,26 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
 
 
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Loss weights n / (k * count_c) from the training labels (scikit-learn's "balanced"): every class then
+    weighs as much in the loss as the others, whatever its count. A class with no training image gets 0:
+    nothing of it is there to balance (and F.cross_entropy's label smoothing then leaves it out too)."""
+    counts = torch.bincount(labels.long(), minlength=num_classes).double()
+    weights = torch.where(counts > 0, len(labels) / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
+
+
 def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                head: nn.Module, lr: float, epochs: int, weight_decay: float, batch_size: int, seed: int,
-               device: torch.device) -> tuple[dict, list[dict], int]:
-    """Train a classifier on cached embeddings in memory; return (best-val state, history, best epoch)."""
+               device: torch.device, class_weights: torch.Tensor | None = None) -> tuple[dict, list[dict], int]:
+    """Train a classifier on cached embeddings in memory; return (best-val state, history, best epoch).
+    `class_weights` weigh the training loss per class (validation loss stays unweighted)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head.to(device)
     train_x, train_y = train_x.to(device).float(), train_y.to(device)
     val_x, val_y = val_x.to(device).float(), val_y.to(device)
+    weight = class_weights.to(device) if class_weights is not None else None
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     history, best, best_state, best_epoch = [], -1.0, None, 0
     for epoch in cli.progress(range(1, epochs + 1), desc="train_head", unit="epoch"):
@@ -372,7 +383,7 @@ def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
         for idx in _epoch_batches(len(train_y), batch_size, gen):
             idx = idx.to(device)
             logits = head(train_x[idx])
-            loss = F.cross_entropy(logits, train_y[idx])
+            loss = F.cross_entropy(logits, train_y[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -390,6 +401,56 @@ def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
             best, best_epoch = score, epoch
             best_state = _snapshot(head)
     return best_state, history, best_epoch
+
+
+# The L2 strengths train_logreg tries: 1e-6 to 1e2, one per decade (9 fits). CLIP's linear probes swept
+# 1e-6..1e6; a strength above 1e2 pulls a head on unit-scale embeddings to all-zero weights.
+LOGREG_L2 = tuple(10.0 ** e for e in range(-6, 3))
+
+
+def train_logreg(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 head: nn.Module, device: torch.device, l2_grid=LOGREG_L2, class_weights: torch.Tensor | None = None,
+                 max_iter: int = 1000) -> tuple[dict, list[dict], int]:
+    """The CLIP linear probe: multinomial logistic regression on the embeddings, fitted full-batch by L-BFGS
+    (strong-Wolfe line search, so no learning rate) for each L2 strength of `l2_grid`, minimising
+    mean cross-entropy + l2 / 2 * ||W||^2 (the bias is not penalised). Each fit starts from zero weights.
+    The strength with the best val accuracy is kept, ties going to the lower val loss.
+
+    `head` is a linear head (make_head("linear"): one layer named fc). Returns (the chosen fit's state,
+    one history row per strength in grid order, the chosen row's 1-based index)."""
+    if not len(val_y):
+        raise cli.UserError("train_head.kind: logreg chooses its L2 strength on the val split, which is empty; "
+                            "set data.val_fraction above 0, or use kind linear")
+    fc = head.fc
+    head.to(device)
+    train_x, train_y = train_x.to(device).float(), train_y.to(device)
+    val_x, val_y = val_x.to(device).float(), val_y.to(device)
+    weight = class_weights.to(device) if class_weights is not None else None
+    history, best, best_state, best_index = [], None, None, 0
+    for index, l2 in enumerate(cli.progress(l2_grid, desc="train_head (logreg)", unit="fit"), start=1):
+        with torch.no_grad():
+            fc.weight.zero_()
+            fc.bias.zero_()
+        opt = torch.optim.LBFGS(fc.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def objective():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(fc(train_x), train_y, weight=weight) + 0.5 * l2 * fc.weight.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(objective)
+        with torch.inference_mode():
+            train_logits, val_logits = fc(train_x), fc(val_x)
+            row = dict(l2=l2, train_loss=float(F.cross_entropy(train_logits, train_y, weight=weight)),
+                       train_acc=accuracy(train_logits, train_y), val_loss=float(F.cross_entropy(val_logits, val_y)),
+                       val_acc=accuracy(val_logits, val_y))
+        history.append(row)
+        score = (row["val_acc"], -row["val_loss"])
+        if best is None or score > best:
+            best, best_index = score, index
+            best_state = _snapshot(head)
+    return best_state, history, best_index
 
 
 def _rng_states(device: torch.device, world: int) -> list[dict]:
