@@ -1,7 +1,7 @@
 """evaluate: the final classifier on the test split.
 
 Outputs, logged through DVCLive (transfer.tracking): metrics/evaluate/metrics.json (accuracy,
-macro-F1, per-class precision/recall/support) and metrics/evaluate/plots/sklearn/confusion_matrix.json
+balanced accuracy, macro-F1, per-class precision/recall/support) and metrics/evaluate/plots/sklearn/confusion_matrix.json
 (one actual/predicted row per test image: the DVC confusion-matrix plot); and
 metrics/prediction_grid.png (test images with true and predicted labels).
 """
@@ -39,8 +39,10 @@ def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_dir: Path, grid_pat
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro-F1 and per-class precision/recall/support from the confusion matrix; a class never
-    predicted has precision 0 (and F1 0). Plain numpy: scikit-learn's metrics cost 1.3 s of import per run."""
+    """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/support from the confusion matrix;
+    a class never predicted has precision 0 (and F1 0). Balanced accuracy is the mean recall over the classes
+    the test split holds, as scikit-learn's balanced_accuracy_score (tests/test_recipe.py compares them).
+    Plain numpy: scikit-learn's metrics cost 1.3 s of import per run."""
     k = len(classes)
     confusion = np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)  # rows: true
     hits, predicted, support = np.diag(confusion), confusion.sum(0), confusion.sum(1)
@@ -49,6 +51,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     return dict(
         accuracy=float(hits.sum() / max(len(y_true), 1)),
+        balanced_accuracy=float(recall[support > 0].mean()) if support.any() else 0.0,
         macro_f1=float(f1.mean()),
         test_images=int(len(y_true)),
         per_class={c: dict(precision=float(precision[i]), recall=float(recall[i]), support=int(support[i]))
@@ -93,7 +96,8 @@ def main() -> None:
                        grid_path=paths.METRICS / "prediction_grid.png",
                        grid_images=p.evaluate.grid_images, batch_size=p.evaluate.batch_size,
                        device=training.pick_device(p.runtime.device), amp=p.runtime.amp)
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {metrics['test_images']} test images")
+    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
+          f"macro-F1 {metrics['macro_f1']:.4f} on {metrics['test_images']} test images")
 
 
 if __name__ == "__main__":

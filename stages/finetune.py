@@ -6,6 +6,9 @@
 - partial: as finetune with the first finetune.freeze_blocks backbone blocks frozen;
 - scratch: same architecture, random weights, everything trained at lr.
 
+The recipe (training.fit): finetune.optimizer, warmup_epochs, label_smoothing, clip_grad, accumulate,
+class_weights, and with finetune.ema the weights' moving average is what is validated and saved.
+
 Outputs: models/model/model.safetensors + model.json (construction arguments, classes,
 normalisation, the backbone's preprocessing spec); metrics/finetune.json; curves in
 metrics/curves/finetune. A resumable training state is kept in models/checkpoints/finetune.pt.
@@ -99,6 +102,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
         fingerprint = _fingerprint(p, prepared_dir, backbone_dir, head_dir, device, world=world) if f.resume else ""
         train, _ = storage.read_split(prepared_dir, "train")
         compiled = training.compile_enabled(p.runtime.compile, device)
+        weights = training.balanced_class_weights(train["labels"], meta["num_classes"]) if f.class_weights == "balanced" else None
         start = time.perf_counter()
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
@@ -109,7 +113,9 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             scheduler=f.scheduler, step_size=f.step_size, gamma=f.gamma, augment_pad=f.augment_pad,
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
             eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
-            fingerprint=fingerprint, eval_every=f.eval_every, val_subset=f.val_images, compile=compiled)
+            fingerprint=fingerprint, eval_every=f.eval_every, val_subset=f.val_images, compile=compiled,
+            optimizer=f.optimizer, warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, clip_grad=f.clip_grad,
+            accumulate=f.accumulate, ema_decay=f.ema_decay if f.ema else None, class_weights=weights)
         seconds = time.perf_counter() - start
         if f.val_images is not None and f.val_images < len(val["labels"]):
             # A subset chose the epoch; the number reported is the whole split's, for the weights kept.

@@ -1,7 +1,12 @@
-"""train_head: a classifier on the cached embeddings; the best validation epoch is kept.
+"""train_head: a classifier on the cached embeddings.
 
-Outputs: models/head/head.safetensors + head.json; metrics/train_head.json; curves in
-metrics/curves/train_head.
+- linear, mlp: AdamW over epochs, the best validation epoch kept;
+- logreg: CLIP's linear probe, a linear head fitted by full-batch L-BFGS for each L2 strength of a log
+  grid (training.LOGREG_L2), the one with the best val accuracy kept. It is a linear head like any other:
+  finetune, evaluate, convert and predict read it unchanged.
+
+Outputs: models/head/head.safetensors + head.json; metrics/train_head.json (logreg: the chosen L2 and
+the val accuracy at each); curves in metrics/curves/train_head (per epoch, or per L2 for logreg).
 """
 from __future__ import annotations
 
@@ -13,21 +18,31 @@ from transfer.params import load_params
 
 
 def fit_head(*, embeddings_dir: Path, out_dir: Path, metrics_path: Path, curves_dir: Path, kind: str, hidden: int,
-             dropout: float, lr: float, epochs: int, weight_decay: float, batch_size: int, seed: int, device) -> dict:
+             dropout: float, lr: float, epochs: int, weight_decay: float, batch_size: int, seed: int, device,
+             class_weights: str = "none") -> dict:
     """Train the head on cached train embeddings, select on val; write weights, description, metrics."""
     train, meta = load_tensors(paths.split_file(embeddings_dir, "train"))
     val, _ = load_tensors(paths.split_file(embeddings_dir, "val"))
     classes = meta["classes"]
     dim = train["embeddings"].shape[1]
-    head = models.make_head(kind, dim, len(classes), hidden, dropout)
-    state, history, best_epoch = training.train_head(
-        train_x=train["embeddings"], train_y=train["labels"], val_x=val["embeddings"], val_y=val["labels"], head=head,
-        lr=lr, epochs=epochs, weight_decay=weight_decay, batch_size=batch_size, seed=seed, device=device)
-    desc = dict(kind=kind, hidden=hidden, dropout=dropout, in_features=dim, num_classes=len(classes), classes=classes)
+    layers = "linear" if kind == "logreg" else kind  # logreg fits the weights of a linear head
+    head = models.make_head(layers, dim, len(classes), hidden, dropout)
+    weights = training.balanced_class_weights(train["labels"], len(classes)) if class_weights == "balanced" else None
+    data = dict(train_x=train["embeddings"], train_y=train["labels"], val_x=val["embeddings"], val_y=val["labels"],
+                head=head, device=device, class_weights=weights)
+    if kind == "logreg":
+        state, history, chosen = training.train_logreg(**data)
+        best = history[chosen - 1]
+        metrics = dict(l2=best["l2"], val_acc=best["val_acc"], train_acc=best["train_acc"], val_loss=best["val_loss"],
+                       val_acc_by_l2={f"{row['l2']:.0e}": row["val_acc"] for row in history})
+    else:
+        state, history, best_epoch = training.train_head(**data, lr=lr, epochs=epochs, weight_decay=weight_decay,
+                                                         batch_size=batch_size, seed=seed)
+        best = history[best_epoch - 1]
+        metrics = dict(best_epoch=best_epoch, val_acc=best["val_acc"], train_acc=best["train_acc"], val_loss=best["val_loss"])
+    desc = dict(kind=layers, hidden=hidden, dropout=dropout, in_features=dim, num_classes=len(classes), classes=classes)
     save_tensors(out_dir / "head.safetensors", state, meta=desc)
     write_json(out_dir / "head.json", desc)
-    best = history[best_epoch - 1]
-    metrics = dict(best_epoch=best_epoch, val_acc=best["val_acc"], train_acc=best["train_acc"], val_loss=best["val_loss"])
     write_json(metrics_path, metrics)
     tracking.log_history(curves_dir, history)
     return metrics
@@ -40,7 +55,7 @@ def main() -> None:
     metrics = fit_head(embeddings_dir=paths.EMBEDDINGS, out_dir=paths.HEAD_DIR, metrics_path=paths.METRICS / "train_head.json",
                        curves_dir=paths.METRICS / "curves" / "train_head", kind=h.kind, hidden=h.hidden, dropout=h.dropout,
                        lr=h.lr, epochs=h.epochs, weight_decay=h.weight_decay, batch_size=h.batch_size, seed=p.seed,
-                       device=training.pick_device(p.runtime.device))
+                       device=training.pick_device(p.runtime.device), class_weights=h.class_weights)
     print(f"train_head: {metrics}")
 
 

@@ -46,6 +46,13 @@ def test_each_stage_declares_exactly_the_params_it_reads(in_tmp, monkeypatch):
     for name in STAGES:
         run(name, base)
     run("finetune", {**base, "strategy": "feature_extract"})
+    # Issue 19's recipe: the logreg head and class weights, and every finetune option on (ema_decay is read
+    # only with ema).
+    recipe = tiny_params(strategy="finetune", train_head={"kind": "logreg", "class_weights": "balanced"},
+                         finetune={"epochs": 2, "optimizer": "adamw", "warmup_epochs": 1, "label_smoothing": 0.1,
+                                   "clip_grad": 1.0, "accumulate": 2, "ema": True, "class_weights": "balanced"})
+    for name in ("train_head", "finetune"):
+        run(name, recipe)
     # The other weight sources: none, a file, a url (file://), torchvision (offline: fails after reading its keys).
     backbone, _ = models.build_backbone("resnet18", 16)
     torch.save(backbone.state_dict(), in_tmp / "w.pt")

@@ -49,6 +49,10 @@ ARCHS = (
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # PIL's resampling filters
 TIMM_PREFIX = "timm/"  # backbone.arch names a timm model under this prefix (transfer.models uses the same)
 STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
+# finetune.optimizer: sgd is the pipeline's own (torch SGD, decay on every parameter: training.make_optimizer);
+# the others are timm.optim names, built by its create_optimizer_v2 with no weight decay on norm and bias.
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lamb", "lion")
+CLASS_WEIGHTS = ("none", "balanced")
 
 # Per stage, the params it reads that change how fast it runs, never what it writes: dvc.yaml does not
 # declare them, so changing one re-runs nothing. runtime.workers: tests/test_data.py compares prepare's
@@ -107,22 +111,40 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Field("int", 512, "inference batch size for embeddings", min=1),
     },
     "train_head": {
-        "kind": Field("str", "linear", "classifier on the embeddings", choices=("linear", "mlp")),
+        "kind": Field("str", "linear", "classifier on the embeddings; logreg: a linear head fitted by L-BFGS with its L2 strength "
+                      "chosen on val (CLIP's linear probe; reads no lr, epochs, weight_decay, batch_size)", choices=("linear", "mlp", "logreg")),
         "hidden": Field("int", 256, "hidden width of the mlp head", min=1),
         "dropout": Field("float", 0.2, "dropout before the last layer of the mlp head", min=0.0, max=0.95),
         "lr": Field("float", 0.01, "AdamW learning rate", min=0.0),
         "epochs": Field("int", 200, "epochs over the cached embeddings", min=1),
         "weight_decay": Field("float", 0.0001, "AdamW weight decay", min=0.0),
         "batch_size": Field("int", 1024, "batch size over embeddings (full batch when larger than the split)", min=1),
+        "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
+                               choices=CLASS_WEIGHTS),
     },
     "finetune": {
         "epochs": Field("int", 15, "epochs for finetune / partial / scratch", min=1),
         "lr": Field("float", 0.01, "learning rate of the head (and of everything, for scratch)", min=0.0),
         "backbone_lr_factor": Field("float", 0.1, "backbone lr = lr * this (finetune, partial), unless layer_decay is set", min=0.0, max=1.0),
         "layer_decay": Field("float", None, "layer-wise lr decay: block lr = lr * layer_decay^(depth from the head); null = off", nullable=True, min=0.01, max=1.0),
-        "momentum": Field("float", 0.9, "SGD momentum", min=0.0, max=1.0),
-        "weight_decay": Field("float", 0.0005, "SGD weight decay", min=0.0),
-        "scheduler": Field("str", "cosine", "learning-rate schedule", choices=("step", "cosine", "none")),
+        "optimizer": Field("str", "sgd", "sgd: torch SGD, weight decay on every parameter; the others: timm's, no weight decay "
+                           "on norm and bias (momentum: classical, nesterov: Nesterov's)", choices=OPTIMIZERS),
+        "momentum": Field("float", 0.9, "momentum of sgd, momentum and nesterov", min=0.0, max=1.0),
+        "weight_decay": Field("float", 0.0005, "weight decay (decoupled for adamw, lamb, lion)", min=0.0),
+        "scheduler": Field("str", "cosine", "learning-rate schedule (after the warmup, over the remaining epochs)",
+                           choices=("step", "cosine", "none")),
+        "warmup_epochs": Field("int", 0, "epochs of linear warmup before the schedule (epoch e of w at lr * e / (w + 1))", min=0),
+        "label_smoothing": Field("float", 0.0, "label smoothing of the training loss (F.cross_entropy's)", min=0.0, max=1.0),
+        "clip_grad": Field("float", None, "clip the gradient's norm to this before each step; null = off", nullable=True,
+                           min=0.0, min_exclusive=True),
+        "accumulate": Field("int", 1, "batches of batch_size per optimizer step (gradient accumulation; effective batch = "
+                            "batch_size * accumulate)", min=1),
+        "ema": Field("bool", False, "keep an exponential moving average of the weights (timm ModelEmaV3); validation, the "
+                     "best epoch and the saved weights are the average's"),
+        "ema_decay": Field("float", 0.999, "the average's decay, reached after timm's warmup (1 - (1 + step)^-2/3)",
+                           min=0.0, max=1.0),
+        "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
+                               choices=CLASS_WEIGHTS),
         "step_size": Field("int", 7, "StepLR step size in epochs", min=1),
         "gamma": Field("float", 0.1, "StepLR decay", min=0.0, max=1.0),
         "freeze_blocks": Field("int", 2, "partial: number of leading backbone blocks kept frozen", min=0),
@@ -335,6 +357,9 @@ def _cross_checks(p: Params) -> None:
     if p.pretrained.sha256 and (len(p.pretrained.sha256) != 64
                                 or any(c not in "0123456789abcdef" for c in p.pretrained.sha256.lower())):
         raise ParamsError(f"pretrained.sha256: {p.pretrained.sha256!r} is not a 64-character hex digest")
+    if p.finetune.warmup_epochs >= p.finetune.epochs:
+        raise ParamsError(f"finetune.warmup_epochs: {p.finetune.warmup_epochs} leaves none of the {p.finetune.epochs} "
+                          "finetune.epochs to the schedule; make it smaller than finetune.epochs")
     _check_arch(p.backbone.arch)
     timm_arch = p.backbone.arch.startswith(TIMM_PREFIX)
     if p.pretrained.source == "torchvision" and timm_arch:
