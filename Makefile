@@ -13,7 +13,7 @@ $(BIN)/dvc: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch/torchvision are pinned to the builds this platform serves from local disk;
 	# other pins pull several GB from the network.
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,peers]'
 	touch $@
 
 # Default data: Fashion-MNIST from Debian's dataset-fashion-mnist where apt can install it,
