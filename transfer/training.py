@@ -309,7 +309,14 @@ def recalibrate_batchnorm(model: nn.Module, images, *, mean, std, batch_size: in
     scored exactly chance in validation while its train accuracy rose to 0.68.
 
     Under torchrun with synchronised BatchNorm (see fit), each rank runs its slice of every batch and
-    the layers combine the slices, so every rank ends with the statistics one process computes."""
+    the layers combine the slices, so every rank ends with the statistics one process computes.
+
+    Why not torch.optim.swa_utils.update_bn, which does the same reset and cumulative average: it
+    puts the whole model in train mode, so stochastic depth and dropout ahead of a BatchNorm enter
+    its statistics, and it runs with autograd on. Measured on tf_efficientnet_lite0 (256 random
+    64 px images, batches of 64): without drop path both give identical statistics (max relative
+    variance difference 0.0); with drop_path_rate 0.2, update_bn's variances differ from the exact
+    eval-mode ones by up to 42% (median 9% over 49 layers) and eval logits move by 5.5 (of 14)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     n = len(images)
     if not bns or n < 2:  # a single image has no batch variance to measure
