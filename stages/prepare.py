@@ -29,11 +29,11 @@ from transfer.params import load_params
 def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Spec, val_fraction: float,
             test_fraction: float, train_per_class: int | None, eval_per_class: int | None,
             max_rejected_fraction: float, split_seed: int, out_dir: Path, metrics_path: Path, workers: int = 1,
-            timing_path: Path | None = None) -> dict:
+            timing_path: Path | None = None, csv_spec: data.CsvSpec | None = None) -> dict:
     """Decode (resized and cropped as `spec` says), split and store the dataset; return the counts
-    written to metrics. The decode rate goes to `timing_path` (a log: it varies between identical runs,
-    so it is no output)."""
-    collected = data.collect(source, root)
+    written to metrics. `csv_spec` says where a csv source's labels are. The decode rate goes to
+    `timing_path` (a log: it varies between identical runs, so it is no output)."""
+    collected = data.collect(source, root, csv_spec)
     selected = data.resolve_classes(classes, collected.classes, "data.classes")
     label_of = {name: i for i, name in enumerate(selected)}
     rows = list(collected.skipped)
@@ -221,7 +221,8 @@ def main() -> None:
                      train_per_class=p.data.train_per_class, eval_per_class=p.data.eval_per_class,
                      max_rejected_fraction=p.data.max_rejected_fraction, split_seed=p.data.split_seed,
                      out_dir=paths.PREPARED, metrics_path=paths.METRICS / "prepare.json",
-                     workers=data.worker_count(p.runtime.workers), timing_path=paths.LOGS / "prepare_timing.json")
+                     workers=data.worker_count(p.runtime.workers), timing_path=paths.LOGS / "prepare_timing.json",
+                     csv_spec=data.CsvSpec.from_params(p.data))
     print(f"prepare: {counts}")
 
 

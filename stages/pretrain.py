@@ -47,7 +47,8 @@ SOURCE_ORDER_SALT = "source-task order\0"
 
 @contextlib.contextmanager
 def source_task(*, source: str, root: str, classes: list, spec: preprocess.Spec, per_class: int, split_seed: int,
-                max_rejected_fraction: float, scratch: Path, workers: int = 1) -> Iterator[dict]:
+                max_rejected_fraction: float, scratch: Path, workers: int = 1,
+                csv_spec: data.CsvSpec | None = None) -> Iterator[dict]:
     """The source task: `per_class` readable images of each of `classes`, split into train and val, as
     prepared splits in `scratch` (read a batch at a time, like prepare's; removed on exit), decoded
     with the same spec as prepare's, so the backbone learns on the pixels the target task will give it.
@@ -57,8 +58,10 @@ def source_task(*, source: str, root: str, classes: list, spec: preprocess.Spec,
     until each class has `per_class` readable images (so per_class 500 uses the first 500 of
     per_class 1500's files, and an unreadable file is replaced, not silently missing); val is those
     with split_key < 0.1, at least one per class. Rejections count against the same
-    data.max_rejected_fraction as in prepare, and a class with too few readable images is an error."""
-    collected = data.collect(source, root)
+    data.max_rejected_fraction as in prepare, and a class with too few readable images is an error.
+    `csv_spec` says where a csv source's labels are; as with split folders, the source task draws from
+    every usable row of its classes, whatever their split."""
+    collected = data.collect(source, root, csv_spec)
     names = data.resolve_classes(classes, collected.classes, "pretrained.train.classes")
     pools = [[i for i in collected.items if i.label == name] for name in names]
     rows, labels, keys, rejected, tried = [], [], [], [], 0
@@ -138,6 +141,7 @@ def pretrain(*, p: Params, out_dir: Path, metrics_path: Path, rank: int = 0, wor
     with source_task(source=p.data.source, root=p.data.root, classes=p.pretrained.train.classes,
                      spec=spec, per_class=p.pretrained.train.per_class, split_seed=p.data.split_seed,
                      max_rejected_fraction=p.data.max_rejected_fraction, workers=workers,
+                     csv_spec=data.CsvSpec.from_params(p.data),
                      scratch=paths.PREPARED.parent / f".source_task.rank{rank}.tmp") as task:
         return _pretrain(p=p, spec=spec, out_dir=out_dir, metrics_path=metrics_path, rank=rank, task=task)
 

@@ -48,8 +48,8 @@ class Item:
     ref: str  # file path or "<file>#<index>" for entries of an array file
     label: str  # class name
     key: str  # what the file's split is derived from: its path relative to data.root (posix), or the ref of an array entry
-    presplit: str | None = None  # train/val/test for pre-split folder trees
-    origin: str = ""  # the split folder it was read from ("Training/"), empty for one tree
+    presplit: str | None = None  # train/val/test for pre-split folder trees and CSV rows with a split column
+    origin: str = ""  # the split folder it was read from ("Training/") or its CSV rows; empty for one tree
     path: Path | None = None
     array: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8 for in-memory sources
 
@@ -60,7 +60,7 @@ class Collected:
     items: list[Item]
     skipped: list[dict] = field(default_factory=list)  # manifest rows for ignored/rejected-by-name files
     notes: list[str] = field(default_factory=list)
-    layout: dict[str, str] = field(default_factory=dict)  # split -> its folder ("Testing/") for pre-split trees
+    layout: dict[str, str] = field(default_factory=dict)  # split -> its folder ("Testing/") or CSV rows, for pre-split data
 
 
 # ---------------------------------------------------------------- decoding
@@ -213,9 +213,9 @@ def _has_image(folder: Path, root: Path) -> bool:
                for f in folder.rglob("*"))
 
 
-def _require_folder(root: Path) -> None:
+def _require_folder(root: Path, what: str = "a folder of class sub-folders") -> None:
     if not root.is_dir():
-        raise DataError(f"data.root: {root} is not a folder; point it at a folder of class sub-folders")
+        raise DataError(f"data.root: {root} is not a folder; point it at {what}")
 
 
 def collect_imagefolder(root: Path) -> Collected:
@@ -247,13 +247,209 @@ def collect_imagefolder(root: Path) -> Collected:
     return out
 
 
-def class_names(source: str, root: str | Path) -> list[str]:
+# ---------------------------------------------------------------- labels in a CSV
+
+
+CSV_DELIMITERS = ",;\t|"  # what data.delimiter: auto considers
+
+
+@dataclass(frozen=True)
+class CsvSpec:
+    """Where a csv source's labels are: the data.csv file (relative to data.root) and its columns."""
+    file: str = "labels.csv"
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str | None = None
+    delimiter: str = "auto"  # auto | tab | one character
+
+    @classmethod
+    def from_params(cls, d) -> CsvSpec:
+        """From params.yaml's data section (a Params or any object with these attributes)."""
+        return cls(file=d.csv, path_column=d.path_column, label_column=d.label_column, split_column=d.split_column,
+                   delimiter=d.delimiter)
+
+
+def _inside(root: Path, path: str) -> str | None:
+    """`path` (relative to root, or absolute; / or \\ as separators) as a posix path relative to root, or
+    None when it leads outside root. Lexical, like the keys of a folder tree: symlinks are not followed."""
+    path = path.replace("\\", "/")  # CSVs written on Windows
+    base = os.path.abspath(root)
+    full = os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+    rel = os.path.relpath(full, base)
+    if rel == "." or rel == ".." or rel.startswith("../") or os.path.isabs(rel):
+        return None
+    return Path(rel).as_posix()
+
+
+def _read_csv_text(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: Excel's byte-order mark is dropped
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"data.csv: {path} not found; write the labels there or set data.csv (a path relative to "
+                        "data.root)") from None
+    except IsADirectoryError:
+        raise DataError(f"data.csv: {path} is a folder; set data.csv to the CSV file (relative to data.root)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.csv: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from None
+
+
+def _csv_delimiter(path: Path, text: str, spec: CsvSpec) -> str:
+    """data.delimiter, or for auto: tab for .tsv; else the one of CSV_DELIMITERS that splits the header
+    into fields naming the path and label columns; else csv.Sniffer's guess (the header check then says
+    which columns it found); else a comma."""
+    if spec.delimiter != "auto":
+        return "\t" if spec.delimiter == "tab" else spec.delimiter
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    for d in CSV_DELIMITERS:
+        header = next(csv.reader(_io.StringIO(text, newline=""), delimiter=d), [])
+        if {spec.path_column, spec.label_column} <= {name.strip() for name in header}:
+            return d
+    try:
+        return csv.Sniffer().sniff(text[:65536], delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _csv_columns(path: Path, header: list[str], delimiter: str, spec: CsvSpec) -> dict[str, int]:
+    """The index of each column the params name, or a one-line DataError saying what to set."""
+    names = [name.strip() for name in header]
+    wanted = {"path_column": spec.path_column, "label_column": spec.label_column}
+    if spec.split_column is not None:
+        wanted["split_column"] = spec.split_column
+    missing = {param: name for param, name in wanted.items() if name not in names}
+    if not missing:
+        return {param: names.index(name) for param, name in wanted.items()}
+    shown = "auto-detected " if spec.delimiter == "auto" else ""
+    if len(names) == 1:
+        other = next((d for d in CSV_DELIMITERS if d != delimiter and d in names[0]), None)
+        if other is not None:
+            raise DataError(f"data.csv: {path}: read 1 column {names[0]!r} with the {shown}delimiter {delimiter!r}; "
+                            f"it holds {other!r}: set data.delimiter: {'tab' if other == chr(9) else repr(other)}")
+    lacking = " and ".join(f"no column {name!r} (data.{param})" for param, name in missing.items())
+    raise DataError(f"data.csv: {path} has {lacking}; its header has {len(names)} column(s): "
+                    f"{', '.join(map(repr, names))} (delimiter {delimiter!r}); set "
+                    f"{' and '.join('data.' + p for p in missing)} to the header's name")
+
+
+def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and (line number, fields) of each record; a record spans lines when a quoted field does.
+    Blank lines are left out."""
+    reader = csv.reader(_io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise DataError(f"data.csv: {path} is empty; its first line must be a header naming the columns")
+        rows, start = [], reader.line_num + 1
+        for fields in reader:
+            if any(f.strip() for f in fields):
+                rows.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"data.csv: {path}: line {reader.line_num}: {e}") from None
+    return header, rows
+
+
+def collect_csv(root: Path, spec: CsvSpec) -> Collected:
+    """Items listed in a CSV of path and label columns (paths relative to root), optionally a split
+    column. Each row is an item or a rejected manifest row whose reason names its line; a problem with
+    the file as a whole (not found, empty, a column missing, rows of the wrong width) is a DataError."""
+    _require_folder(root, "the folder that data.csv and the paths in it are relative to")
+    if _inside(root, spec.file) is None:
+        raise DataError(f"data.csv: {spec.file!r} is outside data.root; give a path relative to data.root "
+                        "(prepare's dependency on data.root then covers it)")
+    path = root / spec.file
+    text = _read_csv_text(path)
+    delimiter = _csv_delimiter(path, text, spec)
+    header, rows = _csv_rows(path, text, delimiter)
+    columns = _csv_columns(path, header, delimiter, spec)
+    if not rows:
+        raise DataError(f"data.csv: {path} has a header but no rows")
+    out = Collected(classes=[], items=[])
+    first_line: dict[str, int] = {}  # key -> the line that listed it first
+    for line, fields in rows:
+        if len(fields) != len(header):
+            raise DataError(f"data.csv: {path}: line {line} has {len(fields)} fields, the header {len(header)} "
+                            f"(delimiter {delimiter!r}); quote a field that contains the delimiter, or set data.delimiter")
+        raw, label = fields[columns["path_column"]].strip(), fields[columns["label_column"]].strip()
+        value = fields[columns["split_column"]].strip() if "split_column" in columns else None
+        key = _inside(root, raw) if raw else None
+        where = f"{spec.file} line {line}"
+        reason, split = None, None
+        if not raw:
+            reason = "empty path"
+        elif key is None:
+            reason = f"path {raw!r} is outside data.root"
+        elif Path(key).suffix.lower() not in IMAGE_EXTS:
+            reason = f"not an image extension ({Path(key).suffix or 'none'})"
+        elif key in first_line:
+            reason = f"duplicate path (of line {first_line[key]})"
+        elif not label:
+            reason = "empty label"
+        elif value is not None and (split := split_of_folder(value)) is None:
+            reason = (f"split value {value!r} in column {spec.split_column!r} is not one of "
+                      f"{', '.join(n for names in SPLIT_FOLDER_NAMES.values() for n in names)} (any letter case)")
+        elif not (root / key).exists():
+            reason = "file not found"
+        elif not (root / key).is_file():
+            reason = "not a file (a folder?)"
+        if key is not None:
+            first_line.setdefault(key, line)
+        ref = str(root / key) if key is not None else (raw or f"{path}:{line}")
+        if reason is not None:
+            out.skipped.append(dict(ref=ref, label=label, split="", status="rejected", reason=f"{where}: {reason}"))
+        else:
+            out.items.append(Item(ref=ref, label=label, key=key, presplit=split, path=root / key))
+    if not out.items:
+        raise DataError(f"data.csv: {path}: none of its {len(rows)} rows is usable; the first: {out.skipped[0]['reason']}")
+    # The order of a folder tree (class, then path): prepared outputs do not change when the same labels
+    # are exported in another row order.
+    out.items.sort(key=lambda item: (item.label, Path(item.key)))
+    listed = set(first_line)
+    unlisted = sum(1 for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file() and not _hidden(f, root)
+                   and f.relative_to(root).as_posix() not in listed)
+    if unlisted:
+        which = "1 image file" if unlisted == 1 else f"{unlisted} image files"
+        out.notes.append(f"{which} under {root} not listed in {spec.file}: not used")
+    if "split_column" in columns:
+        _csv_layout(out, spec)
+    else:
+        out.classes = sorted({item.label for item in out.items})
+    return out
+
+
+def _csv_layout(out: Collected, spec: CsvSpec) -> None:
+    """Rows with a split column read like split folders: their layout, classes and notes (see collect_imagefolder)."""
+    present = {item.presplit for item in out.items}
+    rows_of = {split: f"{spec.file} rows with {spec.split_column}={split}" for split in SPLIT_FOLDER_NAMES if split in present}
+    if "train" not in rows_of:
+        raise DataError(f"data.split_column: no usable row of {spec.file} has a training value (train or training) in column "
+                        f"{spec.split_column!r}; found {', '.join(sorted(present))}. Label some rows train, or set "
+                        "data.split_column: null to split by data.val_fraction and data.test_fraction")
+    out.layout = rows_of
+    out.classes = sorted({item.label for item in out.items if item.presplit == "train"})
+    for split in rows_of:
+        names = {item.label for item in out.items if item.presplit == split}
+        missing, extra = sorted(set(out.classes) - names), sorted(names - set(out.classes))
+        if split != "train" and (missing or extra):
+            out.notes.append(f"class sets differ: {rows_of[split]} lack {missing or 'nothing'} and have "
+                             f"{extra or 'nothing'} beyond {rows_of['train']}; only the training rows' classes are used")
+    for item in out.items:
+        item.origin = rows_of[item.presplit]
+        if item.label not in out.classes:
+            item.presplit = "excluded:" + f"class '{item.label}' has no training images in {rows_of['train']}"
+
+
+def class_names(source: str, root: str | Path, csv_spec: CsvSpec | None = None) -> list[str]:
     """The classes a dataset has, in label order, without decoding anything (what collect() would find)."""
     if source == "digits":
         return [str(c) for c in range(10)]
     if source == "fashion-mnist":
         return list(FASHION_MNIST_CLASSES)
     root = Path(root)
+    if source == "csv":
+        return collect_csv(root, csv_spec or CsvSpec()).classes  # reads the CSV and stats the files, no decoding
     _require_folder(root)
     layout = detect_layout(root)
     tree = layout["train"] if layout else root
@@ -313,7 +509,8 @@ def collect_digits() -> Collected:
     return Collected(classes=classes, items=items)
 
 
-def collect(source: str, root: str | Path) -> Collected:
+def collect(source: str, root: str | Path, csv_spec: CsvSpec | None = None) -> Collected:
+    """Every item of the source; csv_spec says where a csv source's labels are (its defaults otherwise)."""
     root = Path(root)
     if source == "digits":
         return collect_digits()
@@ -321,7 +518,9 @@ def collect(source: str, root: str | Path) -> Collected:
         return collect_fashion_mnist(root)
     if source == "imagefolder":
         return collect_imagefolder(root)
-    raise DataError(f"data.source: {source!r} is not valid; choose one of: digits, fashion-mnist, imagefolder")
+    if source == "csv":
+        return collect_csv(root, csv_spec or CsvSpec())
+    raise DataError(f"data.source: {source!r} is not valid; choose one of: digits, fashion-mnist, imagefolder, csv")
 
 
 def resolve_classes(requested: list | None, available: list[str], key: str) -> list[str]:

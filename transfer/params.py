@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,18 @@ SCHEMA: dict[str, Any] = {
     "seed": Field("int", 0, "seed for initialisation, shuffling and augmentation (not for splits: data.split_seed)", min=0),
     "strategy": Field("str", "feature_extract", "how the finetune stage adapts the backbone", choices=STRATEGIES),
     "data": {
-        "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder")),
-        "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files or class folders)"),
+        "source": Field("str", "fashion-mnist", "dataset", choices=("digits", "fashion-mnist", "imagefolder", "csv")),
+        "root": Field("str", "data/raw/fashion-mnist", "folder the dataset is read from (IDX files, class folders, or the "
+                      "folder data.csv and its paths are relative to)"),
+        # Read only by source: csv.
+        "csv": Field("str", "labels.csv", "csv: the file of image paths and labels, relative to data.root (inside it, so "
+                     "prepare's dependency on data.root covers it)"),
+        "path_column": Field("str", "path", "csv: the column of image paths (relative to data.root, or absolute inside it)"),
+        "label_column": Field("str", "label", "csv: the column of class names"),
+        "split_column": Field("str", None, "csv: a column of train/val/test (training, valid, validation, testing; any "
+                              "case) for pre-split data; null = split by val_fraction and test_fraction", nullable=True),
+        "delimiter": Field("str", "auto", "csv: auto (tab for .tsv, else the one of , ; tab | that splits the header into "
+                           "the named columns), tab, or one character"),
         "classes": Field("list", None, "subset of classes to use (names or indices); null = all", nullable=True, item="int_or_str"),
         "image_size": Field("int", 128, "square side the network sees: the shorter side is resized to image_size / crop_pct, then centre-cropped", min=8, max=1024),
         "interpolation": Field("str", None, "resampling filter of the resize; null = the backbone weights' own", nullable=True,
@@ -360,6 +371,7 @@ def _cross_checks(p: Params) -> None:
     if p.finetune.warmup_epochs >= p.finetune.epochs:
         raise ParamsError(f"finetune.warmup_epochs: {p.finetune.warmup_epochs} leaves none of the {p.finetune.epochs} "
                           "finetune.epochs to the schedule; make it smaller than finetune.epochs")
+    _check_csv(p.data)
     _check_arch(p.backbone.arch)
     timm_arch = p.backbone.arch.startswith(TIMM_PREFIX)
     if p.pretrained.source == "torchvision" and timm_arch:
@@ -371,6 +383,26 @@ def _cross_checks(p: Params) -> None:
         raise ParamsError(f"data.image_size: {p.data.image_size} is too small for inception_v3 (needs at least 75)")
     if p.backbone.arch.startswith("vit_") and p.data.image_size % int(p.backbone.arch[-2:]) != 0:
         raise ParamsError(f"data.image_size: {p.data.image_size} must be a multiple of the patch size of {p.backbone.arch}")
+
+
+def _check_csv(d: Params) -> None:
+    """The csv keys, whatever data.source is: a bad value stays bad when the source changes."""
+    if d.delimiter not in ("auto", "tab") and (len(d.delimiter) != 1 or d.delimiter in '"\r\n' or d.delimiter.isalnum()):
+        raise ParamsError(f"data.delimiter: {d.delimiter!r} is not valid; give auto, tab, or one character such as , ; |")
+    base = os.path.abspath(d.root)
+    inside = os.path.relpath(os.path.normpath(os.path.join(base, d.csv)), base)
+    if not d.csv or inside == "." or inside.startswith(".." + os.sep) or inside == "..":
+        raise ParamsError(f"data.csv: {d.csv!r} is not a file inside data.root ({d.root}); give its path relative to "
+                          "data.root, so that prepare's dependency on data.root covers it")
+    columns = {"data.path_column": d.path_column, "data.label_column": d.label_column, "data.split_column": d.split_column}
+    for key, name in columns.items():
+        if name is not None and not name.strip():
+            raise ParamsError(f"{key}: empty; give the column's name as the CSV's header spells it")
+    named = [(key, name) for key, name in columns.items() if name is not None]
+    for i, (key, name) in enumerate(named):
+        for other, same in named[i + 1:]:
+            if name == same:
+                raise ParamsError(f"{key} and {other} both name the column {name!r}; each must be another column")
 
 
 def _check_arch(arch: str) -> None:
@@ -396,7 +428,7 @@ def _check_source_target_disjoint(p: Params) -> None:
     from transfer import data  # here: only this check needs the dataset's class list
 
     try:
-        available = data.class_names(p.data.source, p.data.root)
+        available = data.class_names(p.data.source, p.data.root, data.CsvSpec.from_params(p.data))
     except data.DataError:
         return  # data.root is unusable; prepare says so with the reason
     try:
