@@ -1,7 +1,8 @@
 """convert: checkpoints that load on any device, verified.
 
 Outputs (models/export/): model_fp32.safetensors, model_fp16.safetensors (optional), model.onnx and
-model.torchscript.pt (optional; uint8 images in, logits out), model.json (with the preprocessing);
+model.torchscript.pt (optional; uint8 images in, logits out), model.json (with the preprocessing and the
+model's provenance: git revision, the upstream stages' params and output hashes from dvc.lock, the weights' sha256);
 metrics/convert.json: prediction parity of each export against the trained model.
 The loader (transfer.models.load_model) also reads torch checkpoints saved on a GPU, onto the
 CPU, and strips DataParallel's `module.` and torch.compile's `_orig_mod.` prefixes.
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from transfer import cli, export, models, paths, preprocess, storage, training
-from transfer.io import read_json, save_tensors, write_json
+from transfer.io import read_json, save_tensors, sha256_file, write_json
 from transfer.params import load_params
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -42,7 +43,7 @@ def to_fp16(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
 
 def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path: Path, fp16: bool, onnx: bool,
             torchscript: bool, tolerance: float, fp16_tolerance: float, batch_size: int,
-            max_images: int = PARITY_IMAGES) -> dict:
+            max_images: int = PARITY_IMAGES, project: Path = paths.PROJECT) -> dict:
     """Export the model (weights in fp32 and fp16, ONNX, TorchScript), load each export back on the CPU
     the way a user would, and compare its test-split predictions with the trained model's. An export
     that disagrees (the fp16 copy by more than fp16_tolerance, the others by more than tolerance) fails
@@ -143,6 +144,8 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
             + (". A larger convert.fp16_tolerance allows more" if "fp16" in bad else "")
             + (". Report it with the arch and torch/onnx versions" if set(bad) - {"fp16"} else "")
             + ", or turn that export off (convert.fp16 / convert.onnx / convert.torchscript)")
+    meta["provenance"] = export.provenance(lock_path=project / paths.DVC_LOCK, project=project,
+                                           weights_sha256=sha256_file(out_dir / "model_fp32.safetensors"))
     write_json(out_dir / "model.json", meta)
     return metrics
 

@@ -173,3 +173,21 @@ def test_plots_render_offline_in_a_real_browser(repo, baseline, tmp_path):
     for (start, plot_id), (end, _) in zip(starts, starts[1:] + [(len(dom), None)]):
         drawn = re.findall(r'<canvas width="(\d+)" height="(\d+)" class="marks"', dom[start:end])
         assert drawn and all(int(w) > 100 and int(h) > 100 for w, h in drawn), (plot_id, dom[start:start + 500])
+
+
+def test_exported_model_records_where_it_came_from(repo, baseline):
+    """models/export/model.json names the revision, and the params and output hashes every upstream stage
+    ran with, as dvc.lock holds them after the run."""
+    meta = json.loads((repo / "models" / "export" / "model.json").read_text())
+    prov = meta["provenance"]
+    # a commit of this project's history (the baseline fixture commits the run's results on top of it)
+    assert len(prov["git"]["revision"]) == 40
+    sh(repo, "git", "merge-base", "--is-ancestor", prov["git"]["revision"], "HEAD")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(prov["stages"]) == {"prepare", "pretrain", "extract", "train_head", "finetune"}
+    for stage, recorded in prov["stages"].items():
+        assert recorded["params"] == lock[stage]["params"]["params.yaml"]
+        assert recorded["outs"] == {o["path"]: o["md5"] for o in lock[stage]["outs"]}
+    assert prov["stages"]["prepare"]["outs"]["data/prepared"].endswith(".dir")
+    from transfer.io import sha256_file
+    assert prov["weights_sha256"] == sha256_file(repo / "models" / "export" / "model_fp32.safetensors")

@@ -49,6 +49,41 @@ class ExportError(UserError):
     """An export that does not reproduce the model, or a model that cannot be exported."""
 
 
+# The stages whose outputs a trained model comes from, in pipeline order (convert reads their dvc.lock entries).
+UPSTREAM = ("prepare", "pretrain", "extract", "train_head", "finetune")
+
+
+def provenance(*, lock_path: Path, project: Path, weights_sha256: str) -> dict:
+    """Where an exported model came from: the git revision the project was at, and for every stage upstream
+    of it the params it ran with and the hashes of what it wrote, as DVC recorded them in dvc.lock
+    (`dvc repro` and `dvc exp run` write a stage's entry as soon as it finishes, so while convert runs they
+    describe this run's inputs; convert's own entry is not there yet). Read, not declared: each of those
+    entries changes only when its stage re-runs, and then models/model, which convert declares, is rewritten
+    too. Run outside DVC (python -m stages.convert), the entries are whatever the last DVC run left, and
+    `dvc_lock` says which file they came from."""
+    import subprocess
+
+    import yaml
+
+    out: dict = {"weights_sha256": weights_sha256}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project,
+                               capture_output=True, text=True, timeout=30)
+        out["git"] = ({"revision": head.stdout.strip(), "uncommitted_changes": bool(dirty.stdout.strip())}
+                      if head.returncode == 0 else None)
+    except (OSError, subprocess.TimeoutExpired):  # no git: a copy of the project without its history
+        out["git"] = None
+    lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else None
+    stages = (lock or {}).get("stages", {})
+    out["dvc_lock"] = str(lock_path) if lock else None
+    out["stages"] = {
+        name: {"params": stages[name].get("params", {}).get("params.yaml", {}),
+               "outs": {o["path"]: o.get("md5") for o in stages[name].get("outs", [])}}
+        for name in UPSTREAM if name in stages}
+    return out
+
+
 def deployable(model: "torch.nn.Module", mean, std) -> "torch.nn.Module":
     """model wrapped so that it takes uint8 images and normalises them itself, exactly as training did
     (transfer.training.to_input: x / 255, then (x - mean) / std, in float32)."""

@@ -5,7 +5,9 @@ dvc.yaml, these names and the files on disk in agreement.
 """
 from pathlib import Path
 
+PROJECT = Path(".")
 PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")  # read by convert for the provenance it records, never written by a stage
 
 PREPARED = Path("data/prepared")  # {split}.images.npy + {split}.safetensors (transfer.storage), classes.json, manifest.csv, report.json
 EMBEDDINGS = Path("data/embeddings")  # {split}.safetensors
