@@ -1,6 +1,7 @@
 """predict: classify new images with the exported model.
 
     python -m stages.predict PATH... [--top-k K] [--out predictions.csv] [--onnx] [--model models/export]
+    transfer-predict PATH... --model FOLDER [...]   # the same, installed by `pip install .`, from anywhere
 
 PATH: image files and folders (searched recursively for image files). Each image gets exactly the
 preprocessing the model was trained with, as model.json describes it; batches run on the GPU when
@@ -241,8 +242,8 @@ def table(rows: list[dict], top_k: int, limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.predict", description="Classify images with the exported model.")
+def main(argv: list[str] | None = None, prog: str = "python -m stages.predict") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description="Classify images with the exported model.")
     ap.add_argument("paths", nargs="+", help="image files and folders")
     ap.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default 3)")
     ap.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv; '-' for none)")
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         write_text(args.out, to_csv(rows, top_k))
     print(f"predict: {len(rows) - bad} images classified, {bad} unreadable, on {where}"
           + (f"; written to {args.out}" if args.out != "-" else ""), file=sys.stderr)
+
+
+def command() -> None:
+    """`transfer-predict`, the command `pip install .` puts on PATH: predict from any folder, given --model."""
+    cli.run("predict", lambda: main(prog="transfer-predict"))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 `predict` on new files (with torch, and with onnxruntime alone), and DVCLive's logs."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +162,28 @@ def test_dvclive_logs_curves_and_test_metrics(project):
     assert ev["accuracy"] == pytest.approx(np.mean([r["actual"] == r["predicted"] for r in rows]))
     assert set(ev["per_class"]) == set("56789") and ev["per_class"]["5"]["support"] == 15
     assert not list(project.glob("metrics/.*.tmp"))  # the scratch folders are gone
+
+
+def test_installed_command_predicts_from_outside_the_repo_with_only_the_export_folder(project, tmp_path):
+    """`pip install .` puts transfer-predict on PATH (make setup installs the project so); with a copy of
+    models/export and nothing else of the project, it classifies as `python -m stages.predict` does."""
+    command = Path(sys.executable).parent / "transfer-predict"
+    assert command.is_file(), "the [project.scripts] entry point is not installed: run make setup"
+    files = _photos(tmp_path / "new", project)
+    shipped = shutil.copytree(project / "models/export", tmp_path / "elsewhere" / "model")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    outside = tmp_path / "elsewhere"
+    for extra in ([], ["--onnx"]):
+        r = subprocess.run([str(command), str(tmp_path / "new"), "--model", str(shipped), "--out", "p.csv", *extra],
+                           cwd=outside, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        rows = {Path(row["path"]).name: row for row in _read(outside / "p.csv")}
+        assert {f.name for f in files} <= set(rows)
+        assert rows["broken.jpg"]["status"] != "ok"
+        ref = _predict(ROOT, str(tmp_path / "new"), "--model", str(project / "models/export"), "--out", str(tmp_path / "ref.csv"))
+        assert ref.returncode == 0, ref.stderr
+        want = {Path(row["path"]).name: row for row in _read(tmp_path / "ref.csv")}
+        for f in files:
+            assert rows[f.name]["label_1"] == want[f.name]["label_1"], (extra, f.name)
+    r = subprocess.run([str(command), "--help"], cwd=outside, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("usage: transfer-predict")
