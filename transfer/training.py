@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfer import cli
+from transfer.augment import augment  # re-exported: benchmarks call training.augment
 from transfer.cli import DeviceError
 from transfer.feed import Feed
 from transfer.io import load_checkpoint, save_checkpoint
@@ -269,24 +270,6 @@ def predict(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: in
     """Model outputs (logits or embeddings) for uint8 images, as one float32 CPU tensor."""
     return torch.cat(list(predict_batches(model, images, mean=mean, std=std, batch_size=batch_size, device=device,
                                           amp=amp, desc=desc)))
-
-
-def augment(batch: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop (after zero padding) and horizontal flip on a uint8 batch, on its device."""
-    b, _, h, w = batch.shape
-    if pad:
-        padded = F.pad(batch, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(batch.device)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(batch.device)
-        rows = (oy[:, None] + torch.arange(h, device=batch.device))[:, None, :, None]  # (B,1,H,1)
-        cols = (ox[:, None] + torch.arange(w, device=batch.device))[:, None, None, :]  # (B,1,1,W)
-        bidx = torch.arange(b, device=batch.device)[:, None, None, None]
-        cidx = torch.arange(batch.shape[1], device=batch.device)[None, :, None, None]
-        batch = padded[bidx, cidx, rows, cols]
-    if hflip:
-        flip = (torch.rand(b, generator=generator) < 0.5).to(batch.device)
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    return batch
 
 
 def _share(lo: int, hi: int, *, rank: int, world: int) -> tuple[int, int]:
