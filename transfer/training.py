@@ -535,6 +535,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         recalibrate_bn: bool = False, eval_every: int = 1, val_subset: int | None = None, compile: bool = False,
         optimizer: str = "sgd", warmup_epochs: int = 0, label_smoothing: float = 0.0, clip_grad: float | None = None,
         accumulate: int = 1, ema_decay: float | None = None, class_weights: torch.Tensor | None = None,
+        crop: str = "pad_crop", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), auto_augment: str = "none",
         log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
     """Training with per-group learning rates; keeps the best-validation weights.
 
@@ -544,6 +545,10 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     to `clip_grad`, and one optimizer step per `accumulate` batches of `batch_size`: the images of a step
     are drawn and augmented together, so accumulate=k at batch b takes the steps batch k*b would (up to
     summation order), with k micro-batches' activations at a time.
+
+    Augmentation (transfer/augment.py), per image on the uint8 batch on the device, all of it drawn from the
+    epoch generator: the crop (`crop`: pad_crop by `augment_pad`, resized_crop in `crop_scale` and
+    `crop_ratio`, or none), the flip (`augment_hflip`), torchvision's `auto_augment` (trivial, randaugment).
 
     With `ema_decay`, timm's ModelEmaV3 averages the weights after every step (its warmup on: decay
     1 - (1 + step)^(-2/3), capped at ema_decay, so a few-shot run's dozen steps count), and validation,
@@ -629,8 +634,8 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         batches = cli.progress(Feed(train_images, order, device=device), desc=f"epoch {epoch}/{epochs}",
                                total=len(order), unit="batch")
         for batch, idx in zip(batches, order):  # the bar first: it closes when its iterator ends
-            if augment_pad or augment_hflip:
-                batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
+            batch = augment(batch, pad=augment_pad, hflip=augment_hflip, crop=crop, scale=crop_scale, ratio=crop_ratio,
+                            auto_augment=auto_augment, generator=gen)
             y = train_labels_dev[idx.to(device)]
             # What the step's loss is the mean over: its images, or their summed class weights.
             norm = len(idx) if weight is None else float(weight[y].sum())
