@@ -1,5 +1,5 @@
 """Issue 19's photo augmentation, each piece checked on a real batch (scikit-image's sample photos at 64 px, uint8
-NCHW): RandomResizedCrop per image, the flip, TrivialAugmentWide / RandAugment, all drawn
+NCHW): RandomResizedCrop per image, the flip, TrivialAugmentWide / RandAugment, timm's mixup and cutmix, all drawn
 from fit's generator and leaving torch's and numpy's global generators alone; and the default (pad-crop + flip)
 drawing exactly what it always drew, so the default run's outputs stay byte-identical."""
 import functools
@@ -7,6 +7,8 @@ import functools
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
@@ -217,9 +219,149 @@ def test_every_augmentation_together_takes_as_many_numbers_whatever_the_images()
     assert torch.equal(gens[0].get_state(), gens[1].get_state())
 
 
+# --- mixup and cutmix -------------------------------------------------------------------------------------
+
+def _mixed(n: int, *, mixup: float, cutmix: float, smoothing: float = 0.0, seed: int = 0):
+    x = _photos(n).float()
+    labels = torch.arange(n)  # every image its own class, so each share shows in the targets
+    mixer = aug.make_mixup(mixup=mixup, cutmix=cutmix, label_smoothing=smoothing, num_classes=n)
+    mixed = x.clone()
+    targets = aug.mix_batch(mixed, labels, mixer, generator=_gen(seed))
+    return x, mixed, targets
+
+
+@pytest.mark.parametrize("n", [6, 5])  # fit's batches may be odd: then the middle image stays itself
+def test_mixup_mixes_each_image_with_its_mirror_by_one_lambda(n):
+    before = _global_states()
+    x, mixed, targets = _mixed(n, mixup=0.4, cutmix=0.0)
+    assert _same_global_states(before, _global_states())
+    assert targets.shape == (n, n) and torch.allclose(targets.sum(1), torch.ones(n))
+    lam = float(targets[0, 0])
+    assert 0.0 < lam < 1.0 and lam != 0.5
+    mirror = torch.arange(n).flip(0)
+    expected = lam * torch.eye(n) + (1 - lam) * torch.eye(n)[mirror]
+    assert torch.allclose(targets, expected, atol=1e-6)
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-3)
+    if n % 2:
+        assert torch.allclose(mixed[n // 2], x[n // 2], atol=1e-3)
+    # Reproducible from our generator; another seed draws another lambda.
+    assert torch.equal(_mixed(n, mixup=0.4, cutmix=0.0)[2], targets)
+    assert float(_mixed(n, mixup=0.4, cutmix=0.0, seed=1)[2][0, 0]) != lam
+
+
+def test_mixup_targets_carry_the_label_smoothing():
+    _, _, targets = _mixed(6, mixup=1.0, cutmix=0.0, smoothing=0.3)
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    assert float(targets.min()) == pytest.approx(0.3 / 6)  # every class keeps smoothing / classes
+    lam = float(targets[0, 0]) - 0.3 / 6
+    assert lam / (1 - 0.3) + float(targets[0, 5] - 0.3 / 6) / (1 - 0.3) == pytest.approx(1.0)
+
+
+def test_cutmix_pastes_one_box_of_the_mirror_image_with_its_area_as_the_share():
+    for seed in range(4):
+        x, mixed, targets = _mixed(6, mixup=0.0, cutmix=1.0, seed=seed)
+        own, pasted = (mixed == x).all(1), (mixed == x.flip(0)).all(1)  # (B, H, W): per pixel, all channels
+        assert (own | pasted).all()  # every pixel is the image's own or its mirror's
+        region = pasted[0] & ~own[0]
+        if not region.any():
+            continue
+        rows, cols = region.any(1).nonzero().flatten(), region.any(0).nonzero().flatten()
+        box = torch.zeros_like(region)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert torch.equal(pasted[0] & box, box) and not (region & ~box).any()  # one rectangle
+        assert all(torch.equal(pasted[i] & box, box) for i in range(6))  # the same for every image
+        lam = float(targets[0, 0])
+        assert 1 - lam == pytest.approx(float(box.float().mean()))  # the box's area is the mirror's share
+        assert torch.allclose(targets.sum(1), torch.ones(6))
+        break
+    else:
+        pytest.fail("no seed pasted a box")
+
+
+def test_with_both_alphas_each_batch_is_mixup_or_cutmix():
+    kinds = set()
+    for seed in range(12):
+        x, mixed, _ = _mixed(6, mixup=1.0, cutmix=1.0, seed=seed)
+        kinds.add("cutmix" if ((mixed == x) | (mixed == x.flip(0))).all() else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_soft_target_loss_weighs_each_share_by_its_class_weight():
+    g = _gen(0)
+    logits = torch.randn(4, 3, generator=g)
+    weight = torch.tensor([0.5, 2.0, 1.0])
+    labels = torch.tensor([0, 1, 2, 1])
+    one_hot = torch.eye(3)[labels]
+    # One-hot targets over the summed weights: F.cross_entropy's weighted mean of hard labels.
+    assert float(training.soft_target_loss(logits, one_hot, weight) / (one_hot @ weight).sum()) == pytest.approx(
+        float(F.cross_entropy(logits, labels, weight=weight)), rel=1e-6)
+    # A mix of classes 0 and 1 at 0.3 / 0.7 costs the two images' weighted losses in those shares.
+    target = torch.tensor([[0.3, 0.7, 0.0]])
+    ce = -F.log_softmax(logits[:1], 1)[0]
+    assert float(training.soft_target_loss(logits[:1], target, weight)) == pytest.approx(
+        0.3 * 0.5 * float(ce[0]) + 0.7 * 2.0 * float(ce[1]), rel=1e-6)
+    assert float(training.soft_target_loss(logits[:1], target)) == pytest.approx(0.3 * float(ce[0]) + 0.7 * float(ce[1]),
+                                                                                  rel=1e-6)
+
+
 # --- in fit -----------------------------------------------------------------------------------------------
 
-_AUGMENTED = dict(crop="resized_crop", crop_scale=(0.3, 1.0), auto_augment="trivial")
+_AUGMENTED = dict(crop="resized_crop", crop_scale=(0.3, 1.0), auto_augment="trivial", mixup=0.4, cutmix=1.0,
+                  num_classes=3, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fits_step_with_mixup_descends_the_soft_targets_weighted_mean(weighted):
+    """One full-batch step: fit's weights are those of an SGD step by hand on the batch fit mixed (drawn again here
+    from the same seed), whose loss is the images' shares weighed by their classes' weights, over the summed weights
+    of the targets. The epoch's logged loss is that sum over the image count, as with hard labels."""
+    from transfer import models
+
+    images, labels = _images(12, size=16)
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 2)
+    weights = training.balanced_class_weights(labels, 3) if weighted else None
+    gen = _gen(0)
+    (idx,) = training._epoch_batches(12, 12, gen)
+    x = training.to_input(images[idx], mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=CPU,
+                          memory_format=torch.contiguous_format)
+    mixer = aug.make_mixup(mixup=1.0, cutmix=0.0, label_smoothing=0.1, num_classes=3)
+    targets = aug.mix_batch(x, labels[idx], mixer, generator=gen)
+    w = torch.ones(3) if weights is None else weights
+
+    def by_hand(norm: torch.Tensor) -> dict:
+        net = _net()
+        opt = torch.optim.SGD([{"params": list(net.backbone.parameters()), "lr": 0.02},
+                               {"params": list(net.head.parameters()), "lr": 0.2}], momentum=0.9, weight_decay=5e-4)
+        summed = -(F.log_softmax(net(x), 1) * targets * w).sum()
+        (summed / norm).backward()
+        opt.step()
+        return net.state_dict(), float(summed.detach())
+
+    expected, summed = by_hand((targets @ w).sum())
+    net = _net()
+    _, history, _ = _fit(net, images, labels, epochs=1, batch_size=12, augment_pad=0, augment_hflip=False, mixup=1.0,
+                         label_smoothing=0.1, num_classes=3, class_weights=weights)
+    apart = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert apart(net.state_dict(), expected) < 1e-6
+    assert history[0]["train_loss"] == pytest.approx(summed / 12, rel=1e-5)
+    if weighted:  # the normaliser matters: over the image count instead, another step
+        assert apart(net.state_dict(), by_hand(torch.tensor(12.0))[0]) > 1e-4
+
+
+def test_fit_mixes_the_steps_whole_batch_so_accumulation_takes_the_same_steps():
+    """Mixed before the batch is split into micro-batches: batch 8 accumulated twice takes batch 16's steps."""
+    images, labels = _images(32, size=16)
+    runs = {}
+    for name, batch, k in (("b8x2", 8, 2), ("b16", 16, 1)):
+        net = _net()
+        _, history, _ = _fit(net, images, labels, epochs=2, batch_size=batch, accumulate=k, **_AUGMENTED)
+        runs[name] = (net.state_dict(), history)
+    (a, ha), (b, hb) = runs["b8x2"], runs["b16"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-6)
+    plain = _net()
+    _fit(plain, images, labels, epochs=2, batch_size=16)
+    assert max(float((a[k] - plain.state_dict()[k]).abs().max()) for k in a) > 1e-3  # augmentation did change the run
 
 
 def test_fit_with_augmentation_leaves_the_global_generators_and_resumes_exactly(tmp_path):
@@ -245,10 +387,43 @@ def test_fit_with_augmentation_leaves_the_global_generators_and_resumes_exactly(
     assert np.array_equal(np.random.get_state()[1], numpy_before[1])
 
 
+def _fit_augmented() -> dict:
+    images, labels = _images(26, size=16)
+    labels = torch.tensor([0] * 16 + [1] * 6 + [2] * 4)
+    net = _net()
+    _fit(net, images, labels, epochs=2, batch_size=7, accumulate=2, class_weights=training.balanced_class_weights(labels, 3),
+         **_AUGMENTED)
+    return net.state_dict()
+
+
+def _rank(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        state = _fit_augmented()
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_draw_the_same_augmentation_and_match_one(tmp_path, monkeypatch):
+    """Each rank augments and mixes the whole step's batch from the shared generator (26 images: two steps of 13, an
+    odd batch whose middle image mixes with itself) and trains on its slice (micro-batches of 7 and 6, split 4/3 and
+    3/3): two processes take one process's steps, class weights on the soft targets included."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = _fit_augmented()
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "two.pt")), nprocs=2)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert diff < 1e-5, diff
+
+
 # --- through the finetune stage ---------------------------------------------------------------------------
 
 def test_finetune_stage_with_every_augmentation_is_reproducible_byte_for_byte(in_tmp):
-    augmented = dict(augment="resized_crop", crop_scale=[0.35, 1.0], auto_augment="trivial", epochs=2)
+    augmented = dict(augment="resized_crop", crop_scale=[0.35, 1.0], auto_augment="trivial", mixup=0.2, cutmix=1.0,
+                     label_smoothing=0.1, class_weights="balanced", epochs=2)
     write_params(in_tmp, tiny_params(pretrained={"source": "none"}, strategy="finetune", finetune=augmented))
     run_pipeline(in_tmp, STAGES[:4])
     weights = in_tmp / "models/model/model.safetensors"
@@ -275,6 +450,8 @@ def test_finetune_stage_with_every_augmentation_is_reproducible_byte_for_byte(in
     ({"crop_ratio": [2.0, 1.0]}, "finetune.crop_ratio: [2.0, 1.0] is not valid"),
     ({"augment": "random_crop"}, "finetune.augment: 'random_crop' is not valid; choose one of: pad_crop, resized_crop, none"),
     ({"auto_augment": "autoaugment"}, "finetune.auto_augment: 'autoaugment' is not valid; choose one of: none, trivial, randaugment"),
+    ({"mixup": -0.2}, "finetune.mixup: -0.2 is below the minimum 0.0"),
+    ({"cutmix": True}, "finetune.cutmix: expected float, got bool"),
 ])
 def test_augmentation_params_fail_with_the_key_and_what_is_valid(change, fragment):
     from transfer.params import ParamsError, defaults, validate
@@ -291,7 +468,8 @@ def test_augmentation_params_accept_sensible_ranges():
     p = defaults()
     f = validate({**p, "finetune": {**p["finetune"], "crop_scale": [1, 1], "crop_ratio": [1, 3]}}).finetune
     assert f.crop_scale == [1.0, 1.0] and f.crop_ratio == [1.0, 3.0]
-    assert (p["finetune"]["augment"], p["finetune"]["auto_augment"]) == ("pad_crop", "none")
+    assert (p["finetune"]["augment"], p["finetune"]["auto_augment"], p["finetune"]["mixup"], p["finetune"]["cutmix"]) == (
+        "pad_crop", "none", 0.0, 0.0)
 
 
 # --- on a GPU ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Training-time augmentation of uint8 (B, C, H, W) batches: per image, on the batch's device, seeded.
 
 Every random number comes from the caller's torch.Generator (fit's epoch generator, which every rank shares
-and the resumable checkpoint holds). torchvision's auto-augment draws from torch's global generator: it runs
-under a seed drawn from the caller's generator, inside a saved-and-restored global state, so the global
-generator is left as it was and a run is reproduced exactly.
+and the resumable checkpoint holds). torchvision's auto-augment draws from torch's global generator and timm's
+Mixup from numpy's: each runs under a seed drawn from the caller's generator, inside a saved-and-restored
+global state, so the global generators are left as they were and a run is reproduced exactly.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import contextlib
 import math
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -119,8 +120,35 @@ def auto_augment_batch(batch: torch.Tensor, kind: str, generator: torch.Generato
         return torch.stack([transform(image) for image in batch])
 
 
+def make_mixup(*, mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+    """timm's Mixup in its batch mode (one draw per batch; each image mixed with its mirror in the batch,
+    image i with image B-1-i), mixup with Beta(`mixup`, `mixup`), cutmix with Beta(`cutmix`, `cutmix`) and a
+    box whose clipped area sets the weight; with both alphas above 0, each batch takes one of the two at
+    random. The targets carry `label_smoothing`. None when both alphas are 0."""
+    if not (mixup or cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch", correct_lam=True,
+                 label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+def mix_batch(x: torch.Tensor, labels: torch.Tensor, mixer, *, generator: torch.Generator) -> torch.Tensor:
+    """Mix the float batch `x` in place with `mixer` (make_mixup) and return the soft targets (B, classes),
+    whose rows sum to 1. Mixing is linear, so mixing normalised images is mixing their pixels.
+
+    This is Mixup.__call__ in batch mode without its even-batch assertion, which only its pair and elem
+    modes need: fit's batches may be odd, and then the middle image mixes with itself, i.e. stays as it is,
+    with its own label."""
+    from timm.data.mixup import mixup_target
+
+    with numpy_seeded(draw_seed(generator)):
+        lam = mixer._mix_batch(x)
+    return mixup_target(labels, mixer.num_classes, lam, mixer.label_smoothing)
+
+
 def draw_seed(generator: torch.Generator) -> int:
-    """A seed for torch's global generator, drawn from ours."""
+    """A seed for numpy's or torch's global generator, drawn from ours."""
     return int(torch.randint(0, 2 ** 32, (1,), generator=generator))
 
 
@@ -131,3 +159,14 @@ def torch_seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def numpy_seeded(seed: int) -> Iterator[None]:
+    """numpy's global generator seeded with `seed` inside the block and restored after it."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)

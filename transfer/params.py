@@ -165,6 +165,10 @@ SCHEMA: dict[str, Any] = {
                             "drawn log-uniformly", min=0.0, min_exclusive=True),
         "auto_augment": Field("str", "none", "after the crop and flip, per image: torchvision's TrivialAugmentWide (trivial), "
                               "RandAugment (randaugment) or none", choices=AUTO_AUGMENTS),
+        "mixup": Field("float", 0.0, "mixup's Beta alpha (timm Mixup, one draw per batch; the loss takes soft targets); 0 = off",
+                       min=0.0),
+        "cutmix": Field("float", 0.0, "cutmix's Beta alpha (timm Mixup); with mixup also on, each batch takes one of the two; "
+                        "0 = off", min=0.0),
         "resume": Field("bool", False, "resume from models/checkpoints/finetune.pt when its settings match"),
         "eval_every": Field("int", 1, "validate after every this many epochs (and after the last)", min=1),
         "val_images": Field("int", None, "per-epoch validation on this many val images, the same class-balanced subset every "
