@@ -27,6 +27,7 @@ class ParamsError(UserError):
 @dataclass(frozen=True)
 class Field:
     kind: str  # int | float | bool | str | list | rgb (3 floats, one per channel, each within min..max)
+    #           | range ([low, high], floats within min..max, low <= high)
     default: Any
     doc: str
     choices: tuple | None = None
@@ -54,6 +55,9 @@ STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 # the others are timm.optim names, built by its create_optimizer_v2 with no weight decay on norm and bias.
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lamb", "lion")
 CLASS_WEIGHTS = ("none", "balanced")
+# finetune.augment and finetune.auto_augment (transfer/augment.py).
+AUGMENTS = ("pad_crop", "resized_crop", "none")
+AUTO_AUGMENTS = ("none", "trivial", "randaugment")
 
 # Per stage, the params it reads that change how fast it runs, never what it writes: dvc.yaml does not
 # declare them, so changing one re-runs nothing. runtime.workers: tests/test_data.py compares prepare's
@@ -162,7 +166,20 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Field("int", 32, "training batch size", min=1),
         "bn_frozen": Field("bool", True, "finetune/partial: keep the pretrained BatchNorm statistics fixed (scratch always trains them)"),
         "augment_hflip": Field("bool", True, "random horizontal flips during training"),
-        "augment_pad": Field("int", 2, "random crops after padding by this many pixels (0 = off)", min=0),
+        "augment_pad": Field("int", 2, "augment pad_crop: random crops of the image's size after zero padding by this many "
+                             "pixels (0 = off)", min=0),
+        "augment": Field("str", "pad_crop", "per-image crop: pad_crop (augment_pad), resized_crop (RandomResizedCrop: "
+                         "crop_scale, crop_ratio, resized back to the image size) or none", choices=AUGMENTS),
+        "crop_scale": Field("range", [0.08, 1.0], "augment resized_crop: range of the box's area as a fraction of the image's",
+                            min=0.0, max=1.0, min_exclusive=True),
+        "crop_ratio": Field("range", [0.75, 1.3333], "augment resized_crop: range of the box's aspect ratio (width / height), "
+                            "drawn log-uniformly", min=0.0, min_exclusive=True),
+        "auto_augment": Field("str", "none", "after the crop and flip, per image: torchvision's TrivialAugmentWide (trivial), "
+                              "RandAugment (randaugment) or none", choices=AUTO_AUGMENTS),
+        "mixup": Field("float", 0.0, "mixup's Beta alpha (timm Mixup, one draw per batch; the loss takes soft targets); 0 = off",
+                       min=0.0),
+        "cutmix": Field("float", 0.0, "cutmix's Beta alpha (timm Mixup); with mixup also on, each batch takes one of the two; "
+                        "0 = off", min=0.0),
         "resume": Field("bool", False, "resume from models/checkpoints/finetune.pt when its settings match"),
         "eval_every": Field("int", 1, "validate after every this many epochs (and after the last)", min=1),
         "val_images": Field("int", None, "per-epoch validation on this many val images, the same class-balanced subset every "
@@ -294,6 +311,8 @@ def _check(key: str, field: Field, value: Any) -> Any:
         raise ParamsError(f"{key}: null is not allowed; expected {field.kind} ({field.doc})")
     if field.kind == "rgb":
         return _check_rgb(key, field, value)
+    if field.kind == "range":
+        return _check_range(key, field, value)
     if not _type_ok(field.kind, value):
         raise ParamsError(f"{key}: expected {field.kind}, got {type(value).__name__} {value!r} ({field.doc})")
     if field.kind == "float":
@@ -328,6 +347,18 @@ def _check_rgb(key: str, field: Field, value: Any) -> list[float]:
         bounds = f"{'(' if field.min_exclusive else '['}{field.min:g}, {field.max:g}]"
         raise ParamsError(f"{key}: {value!r} is not valid; give null or 3 numbers in {bounds}, one per "
                           f"RGB channel ({field.doc})")
+    return [float(v) for v in value]
+
+
+def _check_range(key: str, field: Field, value: Any) -> list[float]:
+    low = (lambda v: v > field.min) if field.min_exclusive else (lambda v: v >= field.min)
+    within = lambda v: _type_ok("float", v) and low(v) and (field.max is None or v <= field.max)
+    if not (isinstance(value, list) and len(value) == 2 and all(within(v) for v in value) and value[0] <= value[1]):
+        if field.max is None:
+            bounds = f"{'above' if field.min_exclusive else 'at least'} {field.min:g}"
+        else:
+            bounds = f"in {'(' if field.min_exclusive else '['}{field.min:g}, {field.max:g}]"
+        raise ParamsError(f"{key}: {value!r} is not valid; give [low, high] with low <= high, both {bounds} ({field.doc})")
     return [float(v) for v in value]
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfer import cli
+from transfer.augment import augment, make_mixup, mix_batch  # augment is re-exported: benchmarks call training.augment
 from transfer.cli import DeviceError
 from transfer.feed import Feed
 from transfer.io import load_checkpoint, save_checkpoint
@@ -269,24 +270,6 @@ def predict(model: nn.Module, images: torch.Tensor, *, mean, std, batch_size: in
     """Model outputs (logits or embeddings) for uint8 images, as one float32 CPU tensor."""
     return torch.cat(list(predict_batches(model, images, mean=mean, std=std, batch_size=batch_size, device=device,
                                           amp=amp, desc=desc)))
-
-
-def augment(batch: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop (after zero padding) and horizontal flip on a uint8 batch, on its device."""
-    b, _, h, w = batch.shape
-    if pad:
-        padded = F.pad(batch, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(batch.device)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(batch.device)
-        rows = (oy[:, None] + torch.arange(h, device=batch.device))[:, None, :, None]  # (B,1,H,1)
-        cols = (ox[:, None] + torch.arange(w, device=batch.device))[:, None, None, :]  # (B,1,1,W)
-        bidx = torch.arange(b, device=batch.device)[:, None, None, None]
-        cidx = torch.arange(batch.shape[1], device=batch.device)[None, :, None, None]
-        batch = padded[bidx, cidx, rows, cols]
-    if hflip:
-        flip = (torch.rand(b, generator=generator) < 0.5).to(batch.device)
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    return batch
 
 
 def _share(lo: int, hi: int, *, rank: int, world: int) -> tuple[int, int]:
@@ -559,6 +542,8 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         recalibrate_bn: bool = False, eval_every: int = 1, val_subset: int | None = None, compile: bool = False,
         optimizer: str = "sgd", warmup_epochs: int = 0, label_smoothing: float = 0.0, clip_grad: float | None = None,
         accumulate: int = 1, ema_decay: float | None = None, class_weights: torch.Tensor | None = None,
+        crop: str = "pad_crop", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), auto_augment: str = "none",
+        mixup: float = 0.0, cutmix: float = 0.0, num_classes: int | None = None,
         log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
     """Training with per-group learning rates; keeps the best-validation weights.
 
@@ -568,6 +553,15 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     to `clip_grad`, and one optimizer step per `accumulate` batches of `batch_size`: the images of a step
     are drawn and augmented together, so accumulate=k at batch b takes the steps batch k*b would (up to
     summation order), with k micro-batches' activations at a time.
+
+    Augmentation (transfer/augment.py), per image on the uint8 batch on the device, all of it drawn from the
+    epoch generator: the crop (`crop`: pad_crop by `augment_pad`, resized_crop in `crop_scale` and
+    `crop_ratio`, or none), the flip (`augment_hflip`), torchvision's `auto_augment` (trivial, randaugment).
+    With `mixup` or `cutmix` (Beta alphas), timm's Mixup mixes each step's whole batch (before it is split
+    into micro-batches and ranks, so accumulation and data parallelism take the steps one batch would) over
+    `num_classes`, `label_smoothing` goes into its soft targets, and the loss is their cross-entropy, with
+    `class_weights` weighing each image by its target's weights (see soft_target_loss). Training accuracy
+    then counts the class with the larger share of each mixed image.
 
     With `ema_decay`, timm's ModelEmaV3 averages the weights after every step (its warmup on: decay
     1 - (1 + step)^(-2/3), capped at ema_decay, so a few-shot run's dozen steps count), and validation,
@@ -620,6 +614,9 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     sched = make_scheduler(opt, kind=scheduler, epochs=epochs, step_size=step_size, gamma=gamma,
                            warmup_epochs=warmup_epochs)
     weight = class_weights.to(device) if class_weights is not None else None
+    if (mixup or cutmix) and num_classes is None:
+        raise ValueError("fit: mixup and cutmix need num_classes (the width of their soft targets)")
+    mixer = make_mixup(mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     history: list[dict] = []
@@ -653,23 +650,36 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         batches = cli.progress(Feed(train_images, order, device=device), desc=f"epoch {epoch}/{epochs}",
                                total=len(order), unit="batch")
         for batch, idx in zip(batches, order):  # the bar first: it closes when its iterator ends
-            if augment_pad or augment_hflip:
-                batch = augment(batch, pad=augment_pad, hflip=augment_hflip, generator=gen)
+            batch = augment(batch, pad=augment_pad, hflip=augment_hflip, crop=crop, scale=crop_scale, ratio=crop_ratio,
+                            auto_augment=auto_augment, generator=gen)
             y = train_labels_dev[idx.to(device)]
+            targets = None
+            if mixer is not None:  # the step's whole batch, normalised: each image is mixed with its mirror in it
+                batch = to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
+                targets = mix_batch(batch, y, mixer, generator=gen)
             # What the step's loss is the mean over: its images, or their summed class weights.
-            norm = len(idx) if weight is None else float(weight[y].sum())
+            if weight is None:
+                norm = len(idx)
+            else:
+                norm = float(weight[y].sum()) if targets is None else float((targets @ weight).sum())
             opt.zero_grad(set_to_none=True)
             micro = torch.tensor_split(torch.arange(len(idx)), accumulate)
             for i, part in enumerate(micro):
                 if world > 1:
                     part = torch.tensor_split(part, world)[rank]
-                xs, ys = (batch, y) if len(part) == len(idx) else (batch[part.to(device)], y[part.to(device)])
-                x = to_input(xs, mean=mean, std=std, device=device, memory_format=fmt)
+                whole = len(part) == len(idx)
+                xs, ys = (batch, y) if whole else (batch[part.to(device)], y[part.to(device)])
+                if targets is None:
+                    x = to_input(xs, mean=mean, std=std, device=device, memory_format=fmt)
+                else:
+                    x, ts = xs.contiguous(memory_format=fmt), targets if whole else targets[part.to(device)]
                 # DDP averages gradients at the backward of the step's last micro-batch only.
                 with ddp.no_sync() if world > 1 and i < accumulate - 1 else nullcontext():
                     with autocast(device, amp, training=True):
                         logits = net(x)
-                        if world == 1 and accumulate == 1:
+                        if targets is not None:  # summed over the slice, then as below
+                            loss = soft_target_loss(logits.float(), ts, weight) * (world / norm)
+                        elif world == 1 and accumulate == 1:
                             loss = F.cross_entropy(logits.float(), ys, weight=weight, label_smoothing=label_smoothing)
                         else:
                             # Each micro-batch's summed loss over the whole step's norm (the mean the step
@@ -680,7 +690,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                                                    reduction="sum") * (world / norm)
                     loss.backward()
                 loss_sum += float(loss.detach()) * (norm / world)  # this slice's summed loss
-                correct += int((logits.argmax(1) == ys).sum())
+                correct += int((logits.argmax(1) == (ys if targets is None else ts.argmax(1))).sum())
                 total += len(ys)
             if clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(trained, clip_grad)
@@ -721,6 +731,15 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                     epoch=epoch, generator=gen.get_state(), rng=rng, history=history, best_acc=best_acc,
                     best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint, **extra))
     return best_state, history, best_epoch
+
+
+def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed cross-entropy of soft targets (B, classes), as timm's SoftTargetCrossEntropy computes it
+    per image; with `weight`, image i's term for class c is weighed by weight[c], so a mixed image of
+    classes a and b (shares lam, 1 - lam) costs lam * w_a * CE_a + (1 - lam) * w_b * CE_b: the weighted
+    losses of the two images it mixes. Dividing by the summed (targets @ weight), as fit does, makes it the
+    weighted mean F.cross_entropy takes of hard labels (exactly so for one-hot targets)."""
+    return F.cross_entropy(logits, targets, weight=weight, reduction="sum")
 
 
 def balanced_subset(labels: torch.Tensor, n: int | None) -> torch.Tensor | None:
