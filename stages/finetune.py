@@ -7,7 +7,7 @@
 - scratch: same architecture, random weights, everything trained at lr.
 
 The recipe (training.fit): finetune.optimizer, warmup_epochs, label_smoothing, clip_grad, accumulate,
-class_weights, and with finetune.ema the weights' moving average is what is validated and saved.
+class_weights, sampler, and with finetune.ema the weights' moving average is what is validated and saved.
 
 Outputs: models/model/model.safetensors + model.json (construction arguments, classes,
 normalisation, the backbone's preprocessing spec); metrics/finetune.json; curves in
@@ -115,7 +115,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
             fingerprint=fingerprint, eval_every=f.eval_every, val_subset=f.val_images, compile=compiled,
             optimizer=f.optimizer, warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, clip_grad=f.clip_grad,
-            accumulate=f.accumulate, ema_decay=f.ema_decay if f.ema else None, class_weights=weights)
+            accumulate=f.accumulate, ema_decay=f.ema_decay if f.ema else None, class_weights=weights,
+            sampler=f.sampler)
         seconds = time.perf_counter() - start
         if f.val_images is not None and f.val_images < len(val["labels"]):
             # A subset chose the epoch; the number reported is the whole split's, for the weights kept.

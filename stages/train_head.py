@@ -1,6 +1,7 @@
 """train_head: a classifier on the cached embeddings.
 
-- linear, mlp: AdamW over epochs, the best validation epoch kept;
+- linear, mlp: AdamW over epochs, the best validation epoch kept; each epoch's embeddings drawn by
+  train_head.sampler;
 - logreg: CLIP's linear probe, a linear head fitted by full-batch L-BFGS for each L2 strength of a log
   grid (training.LOGREG_L2), the one with the best val accuracy kept. It is a linear head like any other:
   finetune, evaluate, convert and predict read it unchanged.
@@ -19,7 +20,7 @@ from transfer.params import load_params
 
 def fit_head(*, embeddings_dir: Path, out_dir: Path, metrics_path: Path, curves_dir: Path, kind: str, hidden: int,
              dropout: float, lr: float, epochs: int, weight_decay: float, batch_size: int, seed: int, device,
-             class_weights: str = "none") -> dict:
+             class_weights: str = "none", sampler: str = "shuffle") -> dict:
     """Train the head on cached train embeddings, select on val; write weights, description, metrics."""
     train, meta = load_tensors(paths.split_file(embeddings_dir, "train"))
     val, _ = load_tensors(paths.split_file(embeddings_dir, "val"))
@@ -37,7 +38,7 @@ def fit_head(*, embeddings_dir: Path, out_dir: Path, metrics_path: Path, curves_
                        val_acc_by_l2={f"{row['l2']:.0e}": row["val_acc"] for row in history})
     else:
         state, history, best_epoch = training.train_head(**data, lr=lr, epochs=epochs, weight_decay=weight_decay,
-                                                         batch_size=batch_size, seed=seed)
+                                                         batch_size=batch_size, seed=seed, sampler=sampler)
         best = history[best_epoch - 1]
         metrics = dict(best_epoch=best_epoch, val_acc=best["val_acc"], train_acc=best["train_acc"], val_loss=best["val_loss"])
     desc = dict(kind=layers, hidden=hidden, dropout=dropout, in_features=dim, num_classes=len(classes), classes=classes)
@@ -55,7 +56,7 @@ def main() -> None:
     metrics = fit_head(embeddings_dir=paths.EMBEDDINGS, out_dir=paths.HEAD_DIR, metrics_path=paths.METRICS / "train_head.json",
                        curves_dir=paths.METRICS / "curves" / "train_head", kind=h.kind, hidden=h.hidden, dropout=h.dropout,
                        lr=h.lr, epochs=h.epochs, weight_decay=h.weight_decay, batch_size=h.batch_size, seed=p.seed,
-                       device=training.pick_device(p.runtime.device), class_weights=h.class_weights)
+                       device=training.pick_device(p.runtime.device), class_weights=h.class_weights, sampler=h.sampler)
     print(f"train_head: {metrics}")
 
 

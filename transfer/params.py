@@ -53,6 +53,9 @@ STRATEGIES = ("feature_extract", "finetune", "partial", "scratch")
 # the others are timm.optim names, built by its create_optimizer_v2 with no weight decay on norm and bias.
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lamb", "lion")
 CLASS_WEIGHTS = ("none", "balanced")
+# How each epoch's training images are drawn (training.epoch_batches): shuffle = each once; balanced = as
+# many draws with replacement, every class equally likely.
+SAMPLERS = ("shuffle", "balanced")
 
 # Per stage, the params it reads that change how fast it runs, never what it writes: dvc.yaml does not
 # declare them, so changing one re-runs nothing. runtime.workers: tests/test_data.py compares prepare's
@@ -121,6 +124,8 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Field("int", 1024, "batch size over embeddings (full batch when larger than the split)", min=1),
         "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
                                choices=CLASS_WEIGHTS),
+        "sampler": Field("str", "shuffle", "how each epoch draws the training embeddings: shuffle = each once; balanced = as "
+                         "many draws with replacement, every class equally likely (linear, mlp)", choices=SAMPLERS),
     },
     "finetune": {
         "epochs": Field("int", 15, "epochs for finetune / partial / scratch", min=1),
@@ -145,6 +150,8 @@ SCHEMA: dict[str, Any] = {
                            min=0.0, max=1.0),
         "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
                                choices=CLASS_WEIGHTS),
+        "sampler": Field("str", "shuffle", "how each epoch draws the training images: shuffle = each once; balanced = as many "
+                         "draws with replacement, every class equally likely", choices=SAMPLERS),
         "step_size": Field("int", 7, "StepLR step size in epochs", min=1),
         "gamma": Field("float", 0.1, "StepLR decay", min=0.0, max=1.0),
         "freeze_blocks": Field("int", 2, "partial: number of leading backbone blocks kept frozen", min=0),
