@@ -7,13 +7,16 @@
 - scratch: same architecture, random weights, everything trained at lr.
 
 The recipe (training.fit): finetune.optimizer, warmup_epochs, label_smoothing, clip_grad, accumulate,
-class_weights, and with finetune.ema the weights' moving average is what is validated and saved.
+class_weights, sampler, and with finetune.ema the weights' moving average is what is validated and saved.
 Augmentation (transfer/augment.py): finetune.augment (pad_crop by augment_pad, or resized_crop in crop_scale
 and crop_ratio), augment_hflip, auto_augment, and timm's mixup / cutmix.
+With finetune.lr: auto, fastai's range test (transfer.lr_find) chooses lr first, on a copy of the model.
 
 Outputs: models/model/model.safetensors + model.json (construction arguments, classes,
-normalisation, the backbone's preprocessing spec); metrics/finetune.json; curves in
-metrics/curves/finetune. A resumable training state is kept in models/checkpoints/finetune.pt.
+normalisation, the backbone's preprocessing spec); metrics/finetune.json (with lr: auto, lr_chosen);
+curves in metrics/curves/finetune; the range test's curve (lr, smoothed loss) in
+metrics/finetune/lr_find.json, an empty list unless lr is auto. A resumable training state is kept in
+models/checkpoints/finetune.pt.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from transfer import cli, models, paths, storage, tracking, training
+from transfer import cli, lr_find, models, paths, storage, tracking, training
 from transfer.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from transfer.params import Params, load_params
 
@@ -76,8 +79,9 @@ def param_groups(model: models.Classifier, *, strategy: str, lr: float, backbone
 
 def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbone_dir: Path, head_dir: Path, out_dir: Path,
                  checkpoint: Path, metrics_path: Path, curves_dir: Path, rank: int = 0,
-                 timing_path: Path | None = None) -> dict:
+                 timing_path: Path | None = None, lr_find_path: Path | None = None) -> dict:
     """Build the model for p.strategy, train it if the strategy trains, keep the best-val weights.
+    With finetune.lr: auto, the range test's curve goes to `lr_find_path` (else an empty list).
     Training time per epoch goes to `timing_path` (a log: it varies between identical runs)."""
     f = p.finetune
     device = training.pick_device(p.runtime.device)
@@ -88,7 +92,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
                           model_file=head_dir / "head.json",
                           fix="re-run extract and train_head on this data (dvc repro finetune)")
     mean, std = meta["mean"], meta["std"]
-    val_all = None
+    val_all, lr_chosen, lr_curve = None, None, []
     if p.strategy == "feature_extract":
         # The backbone is frozen, so its val outputs are the embeddings train_head selected on: running it
         # over val again gave the same number (but for the embeddings' float16 rounding, which
@@ -105,13 +109,30 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
         train, _ = storage.read_split(prepared_dir, "train")
         compiled = training.compile_enabled(p.runtime.compile, device)
         weights = training.balanced_class_weights(train["labels"], meta["num_classes"]) if f.class_weights == "balanced" else None
+
+        def groups(lr: float) -> list[dict]:
+            return param_groups(model, strategy=p.strategy, lr=lr, backbone_lr_factor=f.backbone_lr_factor,
+                                layer_decay=f.layer_decay, arch=meta["arch"])
+
+        lr, find_seconds = f.lr, None
+        if lr == "auto":
+            start = time.perf_counter()
+            lr, lr_curve = lr_find.find_finetune_lr(
+                model, param_groups=groups(1.0), train_images=train["images"], train_labels=train["labels"],
+                batch_size=f.batch_size, accumulate=f.accumulate, optimizer=f.optimizer, momentum=f.momentum,
+                weight_decay=f.weight_decay, augment_pad=f.augment_pad, augment_hflip=f.augment_hflip,
+                label_smoothing=f.label_smoothing, clip_grad=f.clip_grad, class_weights=weights, sampler=f.sampler,
+                mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed, crop=f.augment,
+                crop_scale=f.crop_scale, crop_ratio=f.crop_ratio, auto_augment=f.auto_augment, mixup=f.mixup,
+                cutmix=f.cutmix, num_classes=meta["num_classes"])
+            lr_chosen, find_seconds = lr, time.perf_counter() - start
+            if rank == 0:
+                print(f"finetune: lr auto -> {lr:.3g} (range test: {len(lr_curve)} steps, {find_seconds:.1f} s)")
         start = time.perf_counter()
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
-            val_labels=val["labels"], param_groups=param_groups(model, strategy=p.strategy, lr=f.lr,
-                                                                 backbone_lr_factor=f.backbone_lr_factor,
-                                                                 layer_decay=f.layer_decay, arch=meta["arch"]),
-            epochs=f.epochs, batch_size=f.batch_size, momentum=f.momentum, weight_decay=f.weight_decay,
+            val_labels=val["labels"], param_groups=groups(lr), epochs=f.epochs, batch_size=f.batch_size,
+            momentum=f.momentum, weight_decay=f.weight_decay,
             scheduler=f.scheduler, step_size=f.step_size, gamma=f.gamma, augment_pad=f.augment_pad,
             augment_hflip=f.augment_hflip, mean=mean, std=std, device=device, amp=p.runtime.amp, seed=p.seed,
             eval_batch_size=p.evaluate.batch_size, checkpoint=checkpoint if f.resume else None, resume=f.resume,
@@ -119,7 +140,8 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             optimizer=f.optimizer, warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, clip_grad=f.clip_grad,
             accumulate=f.accumulate, ema_decay=f.ema_decay if f.ema else None, class_weights=weights,
             crop=f.augment, crop_scale=f.crop_scale, crop_ratio=f.crop_ratio, auto_augment=f.auto_augment,
-            mixup=f.mixup, cutmix=f.cutmix, num_classes=meta["num_classes"])
+            mixup=f.mixup, cutmix=f.cutmix, num_classes=meta["num_classes"],
+            sampler=f.sampler)
         seconds = time.perf_counter() - start
         if f.val_images is not None and f.val_images < len(val["labels"]):
             # A subset chose the epoch; the number reported is the whole split's, for the weights kept.
@@ -128,19 +150,25 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
                                       device=device, amp=p.runtime.amp)
             val_all = training.accuracy(logits, val["labels"])
         if timing_path is not None and rank == 0:
-            write_json(timing_path, dict(epochs=f.epochs, train_images=len(train["labels"]), seconds=round(seconds, 3),
-                                         seconds_per_epoch=round(seconds / max(1, f.epochs), 3), device=str(device),
-                                         compiled=compiled))
+            timing = dict(epochs=f.epochs, train_images=len(train["labels"]), seconds=round(seconds, 3),
+                          seconds_per_epoch=round(seconds / max(1, f.epochs), 3), device=str(device), compiled=compiled)
+            if find_seconds is not None:
+                timing["lr_find_seconds"] = round(find_seconds, 3)
+            write_json(timing_path, timing)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad) if p.strategy != "feature_extract" else 0
     metrics = dict(strategy=p.strategy, best_epoch=best_epoch, val_acc=history[best_epoch - 1]["val_acc"],
                    trainable_params=trainable, total_params=sum(q.numel() for q in model.parameters()))
     if val_all is not None:
         metrics.update(val_acc=val_all, val_acc_subset=history[best_epoch - 1]["val_acc"])
+    if lr_chosen is not None:
+        metrics.update(lr_chosen=lr_chosen)
     if rank == 0:  # under torchrun every rank holds the same weights; one writes them
         save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
         write_json(out_dir / "model.json", meta)
         write_json(metrics_path, metrics)
         tracking.log_history(curves_dir, history)
+        if lr_find_path is not None:  # always written: dvc.yaml declares it
+            write_json(lr_find_path, lr_find.as_json(lr_curve))
     return metrics
 
 
@@ -170,7 +198,8 @@ def main() -> None:
         metrics = run_finetune(p=p, prepared_dir=paths.PREPARED, embeddings_dir=paths.EMBEDDINGS, backbone_dir=paths.BACKBONE_DIR, head_dir=paths.HEAD_DIR,
                                out_dir=paths.MODEL_DIR, checkpoint=paths.CHECKPOINTS / "finetune.pt",
                                metrics_path=paths.METRICS / "finetune.json", curves_dir=paths.METRICS / "curves" / "finetune",
-                               rank=rank, timing_path=paths.LOGS / "finetune_timing.json")
+                               rank=rank, timing_path=paths.LOGS / "finetune_timing.json",
+                               lr_find_path=paths.METRICS / "finetune" / "lr_find.json")
     finally:
         training.finish_distributed()
     if rank == 0:

@@ -25,7 +25,7 @@ def test_committed_params_are_valid_and_complete():
 @pytest.mark.parametrize("change, fragment", [
     ({"bogus": 1}, "bogus: unknown key"),
     ({"finetune": {"lrr": 0.1}}, "did you mean finetune.lr"),
-    ({"finetune": {"lr": -0.1}}, "finetune.lr: -0.1 is below the minimum"),
+    ({"finetune": {"lr": -0.1}}, "finetune.lr: -0.1 is not above the minimum"),
     ({"finetune": {"epochs": "ten"}}, "finetune.epochs: expected int, got str"),
     ({"finetune": {"epochs": True}}, "finetune.epochs: expected int, got bool"),
     ({"finetune": {"epochs": 2.5}}, "finetune.epochs: expected int"),
@@ -91,7 +91,7 @@ def test_stage_stops_before_work_on_bad_params(in_tmp):
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     r = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=in_tmp, capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    assert r.returncode != 0 and "finetune.lr: -1.0 is below the minimum" in r.stderr
+    assert r.returncode != 0 and "finetune.lr: -1.0 is not above the minimum" in r.stderr
     assert not (in_tmp / "data").exists()  # nothing was written
 
 

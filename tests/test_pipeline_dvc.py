@@ -27,6 +27,7 @@ def repo(tmp_path_factory):
     write_params(path, tiny_params(pretrained={"source": "none"}, backbone={"arch": "mobilenet_v3_small"}))
     sh(path, "git", "init", "-q")
     dvc(path, "init", "-q")
+    shutil.copytree(ROOT / ".dvc" / "plots", path / ".dvc" / "plots")  # the project's plot templates (log_x)
     dvc(path, "config", "core.autostage", "true")
     dvc(path, "config", "plots.html_template", "../plots/offline.html")  # as the project's .dvc/config
     sh(path, "git", "add", "-A")
@@ -76,7 +77,7 @@ def baseline(repo) -> dict[str, str]:
 def test_forced_extract_changes_no_output_hash_and_reruns_nothing(repo, baseline):
     """As DVC sees it: an identical re-run of extract leaves every output hash in dvc.lock as it was
     (timings used to live in data/embeddings and changed its hash), so nothing downstream re-runs."""
-    assert len(baseline) == 16 and all(baseline.values())  # every out, metric and plot of 7 stages
+    assert len(baseline) == 18 and all(baseline.values())  # every out, metric and plot of 7 stages
     r = dvc(repo, "repro", "-f", "-s", "extract")
     assert ran(r.stdout) == {"extract"}, r.stdout
     assert lock_outs(repo) == baseline
@@ -87,8 +88,13 @@ def test_forced_extract_changes_no_output_hash_and_reruns_nothing(repo, baseline
 
 
 def test_experiments_rerun_only_what_changed(repo, baseline):
-    r = dvc(repo, "exp", "run", "-S", "train_head.lr=0.02")
+    r = dvc(repo, "exp", "run", "-S", "train_head.lr=auto")
     assert ran(r.stdout) == {"train_head", "finetune", "evaluate", "convert"}, r.stdout
+    # The range test's curve is a DVC plot with a logarithmic lr axis (the project's log_x template).
+    assert json.loads((repo / "metrics/train_head.json").read_text())["lr_chosen"] > 0
+    shown = json.loads(dvc(repo, "plots", "show", "--json", "metrics/train_head/lr_find.json").stdout)
+    (plot,) = shown["data"]["metrics/train_head/lr_find.json"]
+    assert plot["content"]["encoding"]["x"]["scale"] == {"type": "log"} and len(plot["content"]["data"]["values"]) > 20
 
     r = dvc(repo, "exp", "run", "-S", "strategy=finetune")
     assert ran(r.stdout) == {"finetune", "evaluate", "convert"}, r.stdout
@@ -163,14 +169,21 @@ def test_plots_render_offline_in_a_real_browser(repo, baseline, tmp_path):
     dvc(repo, "plots", "show", "-o", str(out))
     html = (out / "index.html").read_text()
     assert "cdn.jsdelivr" not in html and "<script src=" not in html
-    ids = re.findall(r"vegaEmbed\('#([^']+)'", html)
+    # The range tests' curves are empty lists with a fixed lr (as here): DVC gives them an empty spec, which
+    # draws nothing (a 0 x 0 canvas).
+    empty = re.findall(r"var spec = \{\};\s*vegaEmbed\('#([^']+)'", html)
+    assert sorted(empty) == ["metrics_finetune_lr_find_json", "metrics_train_head_lr_find_json"], empty
+    every = re.findall(r"vegaEmbed\('#([^']+)'", html)
+    ids = [i for i in every if i not in empty]
     assert len(ids) == 3 and any("confusion_matrix" in i for i in ids), ids
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                           "--no-proxy-server", "--proxy-server=127.0.0.1:9",  # nothing from the network, for sure
                           "--virtual-time-budget=15000", "--dump-dom", (out / "index.html").as_uri()],
                          capture_output=True, text=True, timeout=180).stdout
-    starts = sorted((dom.index(f'id="{i}"'), i) for i in ids)
+    starts = sorted((dom.index(f'id="{i}"'), i) for i in every)
     for (start, plot_id), (end, _) in zip(starts, starts[1:] + [(len(dom), None)]):
+        if plot_id in empty:
+            continue
         drawn = re.findall(r'<canvas width="(\d+)" height="(\d+)" class="marks"', dom[start:end])
         assert drawn and all(int(w) > 100 and int(h) > 100 for w, h in drawn), (plot_id, dom[start:start + 500])
 

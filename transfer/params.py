@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Field:
     item: str | None = None  # element kind for lists: int | str | int_or_str | float | pair (of str)
     allow_empty: bool = False  # lists: [] is a valid value
     min_exclusive: bool = False  # min itself is not allowed (a crop of 0% of the image)
+    words: tuple = ()  # strings allowed besides a value of `kind` (finetune.lr: auto)
 
 
 ARCHS = (
@@ -58,6 +60,9 @@ CLASS_WEIGHTS = ("none", "balanced")
 # finetune.augment and finetune.auto_augment (transfer/augment.py).
 AUGMENTS = ("pad_crop", "resized_crop", "none")
 AUTO_AUGMENTS = ("none", "trivial", "randaugment")
+# How each epoch's training images are drawn (training.epoch_batches): shuffle = each once; balanced = as
+# many draws with replacement, every class equally likely.
+SAMPLERS = ("shuffle", "balanced")
 
 # Per stage, the params it reads that change how fast it runs, never what it writes: dvc.yaml does not
 # declare them, so changing one re-runs nothing. runtime.workers: tests/test_data.py compares prepare's
@@ -130,16 +135,20 @@ SCHEMA: dict[str, Any] = {
                       "chosen on val (CLIP's linear probe; reads no lr, epochs, weight_decay, batch_size)", choices=("linear", "mlp", "logreg")),
         "hidden": Field("int", 256, "hidden width of the mlp head", min=1),
         "dropout": Field("float", 0.2, "dropout before the last layer of the mlp head", min=0.0, max=0.95),
-        "lr": Field("float", 0.01, "AdamW learning rate", min=0.0),
+        "lr": Field("float", 0.01, "AdamW learning rate; auto = fastai's lr_find range test on the train embeddings picks it",
+                    min=0.0, min_exclusive=True, words=("auto",)),
         "epochs": Field("int", 200, "epochs over the cached embeddings", min=1),
         "weight_decay": Field("float", 0.0001, "AdamW weight decay", min=0.0),
         "batch_size": Field("int", 1024, "batch size over embeddings (full batch when larger than the split)", min=1),
         "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
                                choices=CLASS_WEIGHTS),
+        "sampler": Field("str", "shuffle", "how each epoch draws the training embeddings: shuffle = each once; balanced = as "
+                         "many draws with replacement, every class equally likely (linear, mlp)", choices=SAMPLERS),
     },
     "finetune": {
         "epochs": Field("int", 15, "epochs for finetune / partial / scratch", min=1),
-        "lr": Field("float", 0.01, "learning rate of the head (and of everything, for scratch)", min=0.0),
+        "lr": Field("float", 0.01, "learning rate of the head (and of everything, for scratch); auto = fastai's lr_find "
+                    "range test on the training split picks it", min=0.0, min_exclusive=True, words=("auto",)),
         "backbone_lr_factor": Field("float", 0.1, "backbone lr = lr * this (finetune, partial), unless layer_decay is set", min=0.0, max=1.0),
         "layer_decay": Field("float", None, "layer-wise lr decay: block lr = lr * layer_decay^(depth from the head); null = off", nullable=True, min=0.01, max=1.0),
         "optimizer": Field("str", "sgd", "sgd: torch SGD, weight decay on every parameter; the others: timm's, no weight decay "
@@ -160,6 +169,8 @@ SCHEMA: dict[str, Any] = {
                            min=0.0, max=1.0),
         "class_weights": Field("str", "none", "loss weight per class: balanced = n / (classes * count), from the training labels",
                                choices=CLASS_WEIGHTS),
+        "sampler": Field("str", "shuffle", "how each epoch draws the training images: shuffle = each once; balanced = as many "
+                         "draws with replacement, every class equally likely", choices=SAMPLERS),
         "step_size": Field("int", 7, "StepLR step size in epochs", min=1),
         "gamma": Field("float", 0.1, "StepLR decay", min=0.0, max=1.0),
         "freeze_blocks": Field("int", 2, "partial: number of leading backbone blocks kept frozen", min=0),
@@ -313,8 +324,15 @@ def _check(key: str, field: Field, value: Any) -> Any:
         return _check_rgb(key, field, value)
     if field.kind == "range":
         return _check_range(key, field, value)
+    if field.words and isinstance(value, str):
+        if value in field.words:
+            return value
+        # YAML 1.1 reads 1e-3 (no dot) as a string.
+        hint = f" (YAML reads {value} as text: write it with a dot, as 1.0e-3)" if _is_number(value) else ""
+        raise ParamsError(f"{key}: {value!r} is not valid; give a number or {' or '.join(field.words)}{hint}")
     if not _type_ok(field.kind, value):
-        raise ParamsError(f"{key}: expected {field.kind}, got {type(value).__name__} {value!r} ({field.doc})")
+        expected = " or ".join([field.kind, *map(repr, field.words)])
+        raise ParamsError(f"{key}: expected {expected}, got {type(value).__name__} {value!r} ({field.doc})")
     if field.kind == "float":
         value = float(value)
     if field.choices is not None and value not in field.choices:
@@ -339,6 +357,13 @@ def _check(key: str, field: Field, value: Any) -> Any:
     if field.max is not None and field.kind in ("int", "float") and value > field.max:
         raise ParamsError(f"{key}: {value!r} is above the maximum {field.max} ({field.doc})")
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _check_rgb(key: str, field: Field, value: Any) -> list[float]:

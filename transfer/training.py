@@ -22,7 +22,7 @@ from transfer.augment import augment, make_mixup, mix_batch  # augment is re-exp
 from transfer.cli import DeviceError
 from transfer.feed import Feed
 from transfer.io import load_checkpoint, save_checkpoint
-from transfer.params import OPTIMIZERS
+from transfer.params import OPTIMIZERS, SAMPLERS
 
 
 def pick_device(name: str) -> torch.device:
@@ -331,10 +331,24 @@ def recalibrate_batchnorm(model: nn.Module, images, *, mean, std, batch_size: in
     return len(bns)
 
 
-def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled epoch in near-equal batches: no ragged 1- or 2-image batch to upset BatchNorm."""
-    perm = torch.randperm(n, generator=generator)
-    return list(torch.tensor_split(perm, max(1, math.ceil(n / batch_size))))
+def epoch_batches(labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                  sampler: str = "shuffle") -> list[torch.Tensor]:
+    """One epoch's indices into `labels`, in near-equal batches: no ragged 1- or 2-image batch to upset BatchNorm.
+
+    shuffle: every index once, in random order. balanced: len(labels) indices drawn with replacement, each
+    with probability inversely proportional to its class's count, so every class present is drawn equally
+    often on average (torch's WeightedRandomSampler with those weights). Both draw from `generator` only, so
+    the same seed gives the same epochs, on every torchrun rank alike."""
+    n = len(labels)
+    if sampler == "balanced":
+        labels = labels.cpu().long()
+        order = torch.multinomial(1.0 / torch.bincount(labels)[labels].double(), n, replacement=True,
+                                  generator=generator)
+    elif sampler == "shuffle":
+        order = torch.randperm(n, generator=generator)
+    else:
+        raise ValueError(f"sampler: {sampler!r} is not valid; choose one of: {', '.join(SAMPLERS)}")
+    return list(torch.tensor_split(order, max(1, math.ceil(n / batch_size))))
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -357,9 +371,11 @@ def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tens
 
 def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                head: nn.Module, lr: float, epochs: int, weight_decay: float, batch_size: int, seed: int,
-               device: torch.device, class_weights: torch.Tensor | None = None) -> tuple[dict, list[dict], int]:
+               device: torch.device, class_weights: torch.Tensor | None = None,
+               sampler: str = "shuffle") -> tuple[dict, list[dict], int]:
     """Train a classifier on cached embeddings in memory; return (best-val state, history, best epoch).
-    `class_weights` weigh the training loss per class (validation loss stays unweighted)."""
+    `class_weights` weigh the training loss per class (validation loss stays unweighted); `sampler` draws
+    each epoch's embeddings (epoch_batches)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head.to(device)
@@ -371,7 +387,7 @@ def train_head(*, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
     for epoch in cli.progress(range(1, epochs + 1), desc="train_head", unit="epoch"):
         head.train()
         total, correct, loss_sum = 0, 0, 0.0
-        for idx in _epoch_batches(len(train_y), batch_size, gen):
+        for idx in epoch_batches(train_y, batch_size, gen, sampler):
             idx = idx.to(device)
             logits = head(train_x[idx])
             loss = F.cross_entropy(logits, train_y[idx], weight=weight)
@@ -544,15 +560,16 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         accumulate: int = 1, ema_decay: float | None = None, class_weights: torch.Tensor | None = None,
         crop: str = "pad_crop", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), auto_augment: str = "none",
         mixup: float = 0.0, cutmix: float = 0.0, num_classes: int | None = None,
-        log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
+        sampler: str = "shuffle", log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
     """Training with per-group learning rates; keeps the best-validation weights.
 
     The recipe: `optimizer` (make_optimizer: sgd, or timm's, with no weight decay on norm and bias), the
     per-epoch schedule after `warmup_epochs` of linear warmup (make_scheduler), cross-entropy with
     `label_smoothing` and per-class `class_weights` (balanced_class_weights), the gradient's norm clipped
-    to `clip_grad`, and one optimizer step per `accumulate` batches of `batch_size`: the images of a step
-    are drawn and augmented together, so accumulate=k at batch b takes the steps batch k*b would (up to
-    summation order), with k micro-batches' activations at a time.
+    to `clip_grad`, each epoch's images drawn by `sampler` (epoch_batches), and one optimizer step per
+    `accumulate` batches of `batch_size`: the images of a step are drawn and augmented together, so
+    accumulate=k at batch b takes the steps batch k*b would (up to summation order), with k micro-batches'
+    activations at a time.
 
     Augmentation (transfer/augment.py), per image on the uint8 batch on the device, all of it drawn from the
     epoch generator: the crop (`crop`: pad_crop by `augment_pad`, resized_crop in `crop_scale` and
@@ -646,7 +663,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         model.to(memory_format=fmt)  # predict() below switches it to channels_last for evaluation
         model.train()
         loss_sum, correct, total = 0.0, 0, 0
-        order = _epoch_batches(len(train_labels), batch_size * accumulate, gen)
+        order = epoch_batches(train_labels, batch_size * accumulate, gen, sampler)
         batches = cli.progress(Feed(train_images, order, device=device), desc=f"epoch {epoch}/{epochs}",
                                total=len(order), unit="batch")
         for batch, idx in zip(batches, order):  # the bar first: it closes when its iterator ends
