@@ -321,7 +321,7 @@ def test_fits_step_with_mixup_descends_the_soft_targets_weighted_mean(weighted):
     labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 2)
     weights = training.balanced_class_weights(labels, 3) if weighted else None
     gen = _gen(0)
-    (idx,) = training._epoch_batches(12, 12, gen)
+    (idx,) = training.epoch_batches(labels, 12, gen)
     x = training.to_input(images[idx], mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, device=CPU,
                           memory_format=torch.contiguous_format)
     mixer = aug.make_mixup(mixup=1.0, cutmix=0.0, label_smoothing=0.1, num_classes=3)
