@@ -1,8 +1,9 @@
 """convert: checkpoints that load on any device, verified.
 
 Outputs (models/export/): model_fp32.safetensors, model_fp16.safetensors (optional), model.onnx and
-model.torchscript.pt (optional; uint8 images in, logits out), model.json (with the preprocessing and the
-model's provenance: git revision, the upstream stages' params and output hashes from dvc.lock, the weights' sha256);
+model.torchscript.pt (optional; uint8 images in, logits divided by the temperature out), model.json
+(with the preprocessing, the temperature evaluate fitted (models/calibration.json), and the model's
+provenance: git revision, the upstream stages' params and output hashes from dvc.lock, the weights' sha256);
 metrics/convert.json: prediction parity of each export against the trained model.
 The loader (transfer.models.load_model) also reads torch checkpoints saved on a GPU, onto the
 CPU, and strips DataParallel's `module.` and torch.compile's `_orig_mod.` prefixes.
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer import cli, export, models, paths, preprocess, storage, training
+from transfer import calibration, cli, export, models, paths, preprocess, storage, training
 from transfer.io import read_json, save_tensors, sha256_file, write_json
 from transfer.params import load_params
 
@@ -41,13 +42,15 @@ def to_fp16(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     return out, kept
 
 
-def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path: Path, fp16: bool, onnx: bool,
-            torchscript: bool, tolerance: float, fp16_tolerance: float, batch_size: int,
+def convert(*, model_dir: Path, prepared_dir: Path, calibration_path: Path, out_dir: Path, metrics_path: Path,
+            fp16: bool, onnx: bool, torchscript: bool, tolerance: float, fp16_tolerance: float, batch_size: int,
             max_images: int = PARITY_IMAGES, project: Path = paths.PROJECT) -> dict:
     """Export the model (weights in fp32 and fp16, ONNX, TorchScript), load each export back on the CPU
     the way a user would, and compare its test-split predictions with the trained model's. An export
     that disagrees (the fp16 copy by more than fp16_tolerance, the others by more than tolerance) fails
-    the stage with the numbers, and the gated exports are deleted."""
+    the stage with the numbers, and the gated exports are deleted. The ONNX and TorchScript graphs
+    divide the logits by the temperature in calibration_path, and are compared with the model's logits
+    divided by it; the weights files hold the model as trained, and model.json the temperature."""
     meta = read_json(model_dir / "model.json")
     spec = preprocess.Spec.from_dict(meta.get("preprocess"), where=str(model_dir / "model.json"))
     # The model learnt on prepare's pixels: a deployment must get the same ones, so the two records must agree.
@@ -59,11 +62,13 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     if [list(spec.mean), list(spec.std)] != [meta["mean"], meta["std"]]:
         raise export.ExportError(f"{model_dir / 'model.json'}: mean/std {meta['mean']}/{meta['std']} differ from its "
                                  f"preprocessing record's {list(spec.mean)}/{list(spec.std)}; run `dvc repro`")
-    meta = {**meta, "preprocess": export.preprocess_entry(spec)}
     test, data_meta = storage.read_split(prepared_dir, "test")
     storage.check_classes(folder=prepared_dir, data_meta=data_meta, model_classes=meta["classes"],
                           model_file=model_dir / "model.json",
                           fix="re-run extract, train_head and finetune on this data (dvc repro convert)")
+    fitted = calibration.read_temperature(calibration_path, model_dir / "model.safetensors")
+    meta = {**meta, "preprocess": export.preprocess_entry(spec), "temperature": fitted["temperature"],
+            "calibration": {k: v for k, v in fitted.items() if k != "model_sha256"}}
     reference = models.load_model(model_dir / "model.safetensors", meta)
     # A class-balanced sample, the same every run: every class's logits are compared.
     sample = training.balanced_subset(test["labels"], max_images)
@@ -109,12 +114,15 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     if metrics["fp32_agreement"] < 1.0 or metrics["fp32_max_abs_logit_diff"] > 1e-4:
         raise export.ExportError(f"the fp32 export does not reproduce the model's predictions: {metrics}")
 
-    net = export.deployable(reference, meta["mean"], meta["std"])
+    t = fitted["temperature"]
+    net = export.deployable(reference, meta["mean"], meta["std"], temperature=t)
+    # What the graphs must give: the model's logits divided by T, in float32 as the graphs divide.
+    calibrated = ref / np.float32(t) if t != 1.0 else ref
     if onnx:
         path = out_dir / export.ONNX_FILE
         export.export_onnx(net, path, meta["image_size"])
         session = export.onnx_session(path, device="cpu")
-        result = export.parity(ref, logits_of(lambda b: export.onnx_logits(session, b.numpy())), tolerance)
+        result = export.parity(calibrated, logits_of(lambda b: export.onnx_logits(session, b.numpy())), tolerance)
         checks["onnx"] = (result, path, "tolerance")
     if torchscript:
         path = out_dir / export.TORCHSCRIPT_FILE
@@ -123,7 +131,7 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, see transfer.export
             loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
-            result = export.parity(ref, logits_of(lambda b: loaded(b).numpy()), tolerance)
+            result = export.parity(calibrated, logits_of(lambda b: loaded(b).numpy()), tolerance)
         checks["torchscript"] = (result, path, "tolerance")
     for name, (result, _, _) in checks.items():
         metrics.update({f"{name}_{k}": v for k, v in result.items()})
@@ -153,7 +161,8 @@ def convert(*, model_dir: Path, prepared_dir: Path, out_dir: Path, metrics_path:
 def main() -> None:
     p = load_params()
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
-    metrics = convert(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, out_dir=paths.EXPORT_DIR,
+    metrics = convert(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, calibration_path=paths.CALIBRATION,
+                      out_dir=paths.EXPORT_DIR,
                       metrics_path=paths.METRICS / "convert.json", fp16=p.convert.fp16, onnx=p.convert.onnx,
                       torchscript=p.convert.torchscript, tolerance=p.convert.tolerance,
                       fp16_tolerance=p.convert.fp16_tolerance, batch_size=p.evaluate.batch_size)

@@ -1,41 +1,181 @@
-"""evaluate: the final classifier on the test split.
+"""evaluate: the final classifier on the test split, its mistakes, and how far to trust its probabilities.
 
 Outputs, logged through DVCLive (transfer.tracking): metrics/evaluate/metrics.json (accuracy,
-balanced accuracy, macro-F1, per-class precision/recall/support) and metrics/evaluate/plots/sklearn/confusion_matrix.json
-(one actual/predicted row per test image: the DVC confusion-matrix plot); and
-metrics/prediction_grid.png (test images with true and predicted labels).
+balanced accuracy, macro-F1, per-class precision/recall/support; then NLL and expected calibration
+error before and after temperature scaling, the temperature, and with evaluate.tta the same headline
+numbers under test-time augmentation) and metrics/evaluate/plots/sklearn/confusion_matrix.json (one
+actual/predicted row per test image: the DVC confusion-matrix plot). Beside them:
+- metrics/prediction_grid.png: test images with true and predicted labels;
+- metrics/top_losses.png and .csv: the test images the model got most confidently wrong (highest
+  probability of the predicted class among the errors), with the file each came from;
+- metrics/confused_pairs.json: the most frequent (true, predicted) pairs among the errors;
+- metrics/reliability/{uncalibrated,calibrated}.json: the reliability diagram (accuracy against
+  confidence per bin), before and after temperature scaling;
+- models/calibration.json: the temperature, fitted on the val split's logits (evaluate.calibrate),
+  for convert to build into the exports.
+The probabilities reported for single images (top losses) are the calibrated ones: what the exported
+model and `predict` give for the same image.
 """
 from __future__ import annotations
 
+import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
 
-from transfer import cli, models, paths, storage, tracking, training
-from transfer.io import read_json, write_bytes
+from transfer import calibration, cli, models, paths, storage, tracking, training
+from transfer.io import read_json, sha256_file, write_bytes, write_json, write_text
 from transfer.params import load_params
 
+TOP_LOSSES_FIELDS = ["rank", "index", "ref", "true", "predicted", "p_pred", "p_true"]
 
-def evaluate(*, model_dir: Path, prepared_dir: Path, metrics_dir: Path, grid_path: Path, grid_images: int,
-             batch_size: int, device, amp: bool) -> dict:
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where evaluate writes; dvc.yaml declares each."""
+    live: Path  # DVCLive's folder: metrics.json and the confusion matrix
+    grid: Path
+    top_losses_png: Path
+    top_losses_csv: Path
+    confused_pairs: Path
+    reliability: Path  # a folder: uncalibrated.json, calibrated.json
+    calibration: Path
+
+    @classmethod
+    def default(cls) -> "Outputs":
+        m = paths.METRICS
+        return cls(live=m / "evaluate", grid=m / "prediction_grid.png", top_losses_png=m / "top_losses.png",
+                   top_losses_csv=m / "top_losses.csv", confused_pairs=m / "confused_pairs.json",
+                   reliability=m / "reliability", calibration=paths.CALIBRATION)
+
+
+class Mirrored(nn.Module):
+    """The model applied to the horizontal mirror image of its input (flipping the normalised input is
+    flipping the image: normalisation is per channel)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.flip(x, dims=(3,)))
+
+
+def evaluate(*, model_dir: Path, prepared_dir: Path, out: Outputs, grid_images: int, top_losses: int,
+             confused_pairs: int, tta: str, calibrate: bool, batch_size: int, device, amp: bool) -> dict:
+    """Score the model on the test split and write everything `out` names; return the metrics. tta:
+    none or flip (params.yaml's evaluate.tta)."""
     meta = read_json(model_dir / "model.json")
     test, data_meta = storage.read_split(prepared_dir, "test")
     storage.check_classes(folder=prepared_dir, data_meta=data_meta, model_classes=meta["classes"],
                           model_file=model_dir / "model.json",
                           fix="re-run extract, train_head and finetune on this data (dvc repro evaluate)")
-    model = models.load_model(model_dir / "model.safetensors", meta)
-    logits = training.predict(model, test["images"], mean=meta["mean"], std=meta["std"], batch_size=batch_size,
-                              device=device, amp=amp, desc="evaluate")
-    y_true, y_pred = test["labels"].numpy(), logits.argmax(1).numpy()
+    weights = model_dir / "model.safetensors"
+    model = models.load_model(weights, meta)
+
+    def logits_of(net: nn.Module, images, desc: str) -> np.ndarray:
+        return training.predict(net, images, mean=meta["mean"], std=meta["std"], batch_size=batch_size, device=device,
+                                amp=amp, desc=desc).numpy()
+
+    logits = logits_of(model, test["images"], "evaluate")
+    y_true, y_pred = test["labels"].numpy(), logits.argmax(1)
     classes = meta["classes"]
     metrics = classification_metrics(y_true, y_pred, classes)
-    tracking.log_evaluation(metrics_dir, metrics, [classes[t] for t in y_true], [classes[q] for q in y_pred])
+
+    fitted = fit_on_val(model, prepared_dir, logits_of) if calibrate else dict(temperature=1.0, fitted_on=None,
+                                                                                 why="evaluate.calibrate is false")
+    t = fitted["temperature"]
+    plain, calibrated = calibration.softmax(logits), calibration.softmax(logits, t)
+    metrics.update(nll=calibration.nll(plain, y_true), ece=calibration.expected_calibration_error(plain, y_true),
+                   temperature=t, nll_calibrated=calibration.nll(calibrated, y_true),
+                   ece_calibrated=calibration.expected_calibration_error(calibrated, y_true))
+    if tta == "flip":
+        # As predict --tta: the mean of the (calibrated) probabilities of the image and its mirror image.
+        averaged = (calibrated + calibration.softmax(logits_of(Mirrored(model), test["images"], "evaluate (flip)"), t)) / 2
+        scores = classification_metrics(y_true, averaged.argmax(1), classes)
+        metrics.update({f"tta_{k}": scores[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+                       tta_nll=calibration.nll(averaged, y_true),
+                       tta_ece=calibration.expected_calibration_error(averaged, y_true))
+    tracking.log_evaluation(out.live, metrics, [classes[c] for c in y_true], [classes[c] for c in y_pred])
+
     shown = grid_indices(y_true, grid_images)
-    write_bytes(grid_path, prediction_grid(test["images"][torch.from_numpy(shown)], y_true[shown], y_pred[shown], classes))
+    write_bytes(out.grid, prediction_grid(test["images"][torch.from_numpy(shown)], y_true[shown], y_pred[shown], classes))
+    worst = top_loss_indices(calibrated, y_true, top_losses)
+    rows = top_loss_rows(worst, calibrated, y_true, classes, split_refs(prepared_dir, "test"))
+    write_text(out.top_losses_csv, to_csv(rows, TOP_LOSSES_FIELDS))
+    empty = "top_losses: 0 (off)" if top_losses == 0 else "no test image was misclassified"
+    write_bytes(out.top_losses_png, prediction_grid(
+        test["images"][torch.from_numpy(worst)] if len(worst) else [], y_true[worst], calibrated[worst].argmax(1),
+        classes, p_pred=calibrated[worst].max(1), p_true=calibrated[worst, y_true[worst]], empty=empty))
+    write_json(out.confused_pairs, most_confused(y_true, y_pred, classes, confused_pairs))
+    write_json(out.reliability / "uncalibrated.json", calibration.reliability(plain, y_true))
+    write_json(out.reliability / "calibrated.json", calibration.reliability(calibrated, y_true))
+    write_json(out.calibration, {**fitted, "model_sha256": sha256_file(weights)})
     return metrics
+
+
+def fit_on_val(model: nn.Module, prepared_dir: Path, logits_of) -> dict:
+    """The temperature fitted on the val split's logits (T = 1 when the split is empty), with the val
+    NLL before and after."""
+    val, _ = storage.read_split(prepared_dir, "val")
+    if len(val["labels"]) == 0:
+        return dict(temperature=1.0, fitted_on=None, why="the val split is empty (data.val_fraction)")
+    logits, labels = logits_of(model, val["images"], "calibrate (val)"), val["labels"].numpy()
+    t = calibration.fit_temperature(logits, labels)
+    return dict(temperature=t, fitted_on="val", val_images=int(len(labels)),
+                val_nll_before=calibration.nll(calibration.softmax(logits), labels),
+                val_nll_after=calibration.nll(calibration.softmax(logits, t), labels))
+
+
+def top_loss_indices(probs: np.ndarray, y_true: np.ndarray, n: int) -> np.ndarray:
+    """The n test images the model got most confidently wrong: among those whose top class is not the
+    true one, the highest probability of the predicted class first (ties: the lower index first).
+    (Ranking by the loss, -log p(true), would favour images whose true class is merely unlikely.)"""
+    y_pred = probs.argmax(1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    order = np.lexsort((wrong, -probs[wrong, y_pred[wrong]]))
+    return wrong[order][:n]
+
+
+def top_loss_rows(idx: np.ndarray, probs: np.ndarray, y_true: np.ndarray, classes: list[str], refs: dict[int, str]) -> list[dict]:
+    y_pred = probs.argmax(1)
+    return [dict(rank=rank, index=int(i), ref=refs.get(int(i), ""), true=classes[y_true[i]], predicted=classes[y_pred[i]],
+                 p_pred=round(float(probs[i, y_pred[i]]), 6), p_true=round(float(probs[i, y_true[i]]), 6))
+            for rank, i in enumerate(idx, 1)]
+
+
+def split_refs(prepared_dir: Path, split: str) -> dict[int, str]:
+    """Row of `split` -> the file (or array entry) it was decoded from, from prepare's manifest; empty
+    for a manifest written before it recorded the row."""
+    path = prepared_dir / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {int(r["index"]): r["ref"] for r in csv.DictReader(f) if r.get("split") == split and r.get("index")}
+
+
+def most_confused(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], n: int) -> list[dict]:
+    """The n largest off-diagonal cells of the confusion matrix, largest first (ties in class order):
+    which class is taken for which, how often, and what share of the true class's test images that is."""
+    k = len(classes)
+    confusion = np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
+    support = confusion.sum(1)
+    cells = [(-int(confusion[t, p]), t, p) for t in range(k) for p in range(k) if t != p and confusion[t, p]]
+    return [dict(actual=classes[t], predicted=classes[p], pair=f"{classes[t]} → {classes[p]}", count=-c,
+                 share_of_actual=round(-c / int(support[t]), 6)) for c, t, p in sorted(cells)[:n]]
+
+
+def to_csv(rows: list[dict], fields: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
@@ -70,13 +210,17 @@ def grid_indices(labels: np.ndarray, n: int) -> np.ndarray:
     return order[:n]
 
 
-def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], tile: int = 96, columns: int = 6) -> bytes:
+def prediction_grid(images, y_true, y_pred, classes: list[str], tile: int = 96, columns: int = 6, *,
+                    p_pred=None, p_true=None, empty: str = "") -> bytes:
     """PNG of test images captioned true/predicted, green when right and red when wrong
-    (the tutorials' visualize_model, without matplotlib)."""
+    (the tutorials' visualize_model, without matplotlib); with p_pred and p_true, a third line gives
+    the probabilities of the predicted (P) and the true (T) class. No images: a sheet saying `empty`."""
     rows = max(1, -(-len(images) // columns))
-    caption = 26
+    caption = 26 if p_pred is None else 38
     sheet = Image.new("RGB", (columns * tile, rows * (tile + caption)), "white")
     draw = ImageDraw.Draw(sheet)
+    if not len(images):
+        draw.text((4, 4), empty, fill="black")
     for i, img in enumerate(images):
         x, y = (i % columns) * tile, (i // columns) * (tile + caption)
         pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((tile, tile), Image.Resampling.NEAREST)
@@ -84,6 +228,8 @@ def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], ti
         ok = y_true[i] == y_pred[i]
         draw.text((x + 2, y + tile + 1), f"T: {classes[y_true[i]][:14]}", fill="black")
         draw.text((x + 2, y + tile + 13), f"P: {classes[y_pred[i]][:14]}", fill=(0, 128, 0) if ok else (200, 0, 0))
+        if p_pred is not None:
+            draw.text((x + 2, y + tile + 25), f"P {p_pred[i]:.2f}  T {p_true[i]:.2f}", fill="black")
     out = io.BytesIO()
     sheet.save(out, format="PNG")
     return out.getvalue()
@@ -92,12 +238,16 @@ def prediction_grid(images: torch.Tensor, y_true, y_pred, classes: list[str], ti
 def main() -> None:
     p = load_params()
     training.configure_runtime(threads=p.runtime.threads, deterministic=p.runtime.deterministic)
-    metrics = evaluate(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, metrics_dir=paths.METRICS / "evaluate",
-                       grid_path=paths.METRICS / "prediction_grid.png",
-                       grid_images=p.evaluate.grid_images, batch_size=p.evaluate.batch_size,
-                       device=training.pick_device(p.runtime.device), amp=p.runtime.amp)
+    e = p.evaluate
+    metrics = evaluate(model_dir=paths.MODEL_DIR, prepared_dir=paths.PREPARED, out=Outputs.default(),
+                       grid_images=e.grid_images, top_losses=e.top_losses, confused_pairs=e.confused_pairs, tta=e.tta,
+                       calibrate=e.calibrate, batch_size=e.batch_size, device=training.pick_device(p.runtime.device),
+                       amp=p.runtime.amp)
+    tta = f"; with flip TTA {metrics['tta_accuracy']:.4f}" if "tta_accuracy" in metrics else ""
     print(f"evaluate: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}, "
-          f"macro-F1 {metrics['macro_f1']:.4f} on {metrics['test_images']} test images")
+          f"macro-F1 {metrics['macro_f1']:.4f} on {metrics['test_images']} test images{tta}; temperature "
+          f"{metrics['temperature']:.3f}: ECE {metrics['ece']:.4f} -> {metrics['ece_calibrated']:.4f}, "
+          f"NLL {metrics['nll']:.4f} -> {metrics['nll_calibrated']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """predict: classify new images with the exported model.
 
-    python -m stages.predict PATH... [--top-k K] [--out predictions.csv] [--onnx] [--model models/export]
+    python -m stages.predict PATH... [--top-k K] [--out predictions.csv] [--onnx] [--tta] [--model models/export]
     transfer-predict PATH... --model FOLDER [...]   # the same, installed by `pip install .`, from anywhere
 
 PATH: image files and folders (searched recursively for image files). Each image gets exactly the
@@ -8,6 +8,9 @@ preprocessing the model was trained with, as model.json describes it; batches ru
 there is one. Unreadable files are listed in the output with the reason, never a crash; the exit
 code is 2 only when nothing could be read. With --onnx the model runs in onnxruntime from
 model.onnx, and torch is never imported: a deployment needs onnxruntime, Pillow and numpy only.
+The probabilities are calibrated: both runners divide the logits by the temperature evaluate fitted on
+the val split (model.json's "temperature"; the ONNX graph has it inside). With --tta each image's
+probabilities are the mean of its own and its mirror image's, as evaluate.tta: flip scores them.
 
 Every path given gets a row, or its images do: a broken link, a symlink loop, a file that cannot
 be opened and a folder with no images are rows with the reason. Folders are searched through
@@ -140,8 +143,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def make_runner(model_dir: Path, meta: dict, spec: preprocess.Spec, onnx: bool, device: str):
-    """A function uint8 (B, 3, S, S) -> logits (B, C) as numpy, and the device it runs on. (The ONNX
-    graph has spec's mean and std inside, put there by convert.)"""
+    """A function uint8 (B, 3, S, S) -> logits divided by the temperature (B, C) as numpy, and the
+    device it runs on. (The ONNX graph has spec's mean and std and the temperature inside, put there by
+    convert; a model.json without a temperature predates calibration: 1.)"""
     if onnx:
         session = export.onnx_session(model_dir / export.ONNX_FILE, device=device)
         return (lambda batch: export.onnx_logits(session, batch)), session.get_providers()[0]
@@ -153,7 +157,8 @@ def make_runner(model_dir: Path, meta: dict, spec: preprocess.Spec, onnx: bool, 
     if not weights.is_file():
         raise UserError(f"{weights}: not found; run `dvc repro convert` first (or pass --model)")
     dev = training.pick_device(device)
-    net = export.deployable(models.load_model(weights, meta), spec.mean, spec.std).to(dev)
+    net = export.deployable(models.load_model(weights, meta), spec.mean, spec.std,
+                            temperature=meta.get("temperature", 1.0)).to(dev)
     net = net.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -166,9 +171,9 @@ def make_runner(model_dir: Path, meta: dict, spec: preprocess.Spec, onnx: bool, 
 
 
 def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int, onnx: bool, device: str,
-            workers: int) -> tuple[list[dict], list[str], str]:
+            workers: int, tta: bool = False) -> tuple[list[dict], list[str], str]:
     """Rows (path, status, reason, top-k labels and probabilities) for every file found, the class
-    names, and where the model ran."""
+    names, and where the model ran. tta: average each image's probabilities with its mirror image's."""
     meta_file = model_dir / "model.json"
     if not meta_file.is_file():
         raise UserError(f"{meta_file}: not found; run `dvc repro` (the convert stage writes it) or pass --model")
@@ -191,7 +196,10 @@ def predict(*, targets: list[str], model_dir: Path, top_k: int, batch_size: int,
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
-        probs = softmax(run(np.stack([img for _, img in pending])).astype(np.float64))
+        batch = np.stack([img for _, img in pending])
+        probs = softmax(run(batch).astype(np.float64))
+        if tta:
+            probs = (probs + softmax(run(np.ascontiguousarray(batch[..., ::-1])).astype(np.float64))) / 2
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         for (i, _), top, p in zip(pending, order, probs):
             for rank, c in enumerate(top, 1):
@@ -249,6 +257,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m stages.predict") 
     ap.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv; '-' for none)")
     ap.add_argument("--model", default=str(paths.EXPORT_DIR), help=f"the exported model's folder (default {paths.EXPORT_DIR})")
     ap.add_argument("--onnx", action="store_true", help="run model.onnx with onnxruntime (no torch needed)")
+    ap.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: average each image's probabilities with its mirror image's")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m stages.predict") 
         raise UserError("--top-k and --batch-size must be at least 1, --workers at least 0")
     rows, classes, where = predict(targets=args.paths, model_dir=Path(args.model), top_k=args.top_k,
                                    batch_size=args.batch_size, onnx=args.onnx, device=args.device,
-                                   workers=data.worker_count(args.workers))
+                                   workers=data.worker_count(args.workers), tta=args.tta)
     top_k = min(args.top_k, len(classes))
     # Names are UTF-8 by now (shown()); a terminal in another encoding gets \xNN for what it lacks.
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m stages.predict") 
     bad = sum(r["status"] != "ok" for r in rows)
     if args.out != "-":
         write_text(args.out, to_csv(rows, top_k))
-    print(f"predict: {len(rows) - bad} images classified, {bad} unreadable, on {where}"
+    print(f"predict: {len(rows) - bad} images classified{' with flip TTA' if args.tta else ''}, {bad} unreadable, on {where}"
           + (f"; written to {args.out}" if args.out != "-" else ""), file=sys.stderr)
 
 

@@ -6,8 +6,9 @@ backbone.arch re-runs prepare.
 Outputs (data/prepared/): {train,val,test}.images.npy (uint8 (N,3,S,S), read by batch through
 transfer.storage) and {train,val,test}.safetensors (labels int64, classes),
 classes.json, manifest.csv (one row per input: split, split key, the split folder it came from,
-status, reason), report.json (how each split was formed, rejections, leaks, notes), preprocess.json
-(the resize and crop every image went through, and where each value came from); metrics/prepare.json.
+status, reason, its row in the split's files), report.json (how each split was formed, rejections,
+leaks, notes), preprocess.json (the resize and crop every image went through, and where each value
+came from); metrics/prepare.json.
 
 A file's split depends on the file (its key) and data.split_seed alone: see transfer.data.hash_split.
 """
@@ -95,9 +96,11 @@ def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Sp
         report["splits"] = how
         report["split_key"] = SPLIT_KEY_RULE.format(split_seed=split_seed)
 
-        for item, split, reason in zip(good, split_of, why):
+        index = {int(i): row_in_split for idx in final.values() for row_in_split, i in enumerate(idx)}
+        for k, (item, split, reason) in enumerate(zip(good, split_of, why)):
             status = "unused" if split == "unused" else "used"
-            rows.append(row(item, split="" if status == "unused" else split, status=status, reason=reason))
+            rows.append(row(item, split="" if status == "unused" else split, status=status, reason=reason,
+                            index=index.get(k, "")))
 
         used = np.flatnonzero(split_of != "unused")
         report["leaks"] = data.find_leaks([digests[i] for i in used], [split_of[i] for i in used], [good[i].ref for i in used])

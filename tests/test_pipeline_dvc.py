@@ -77,7 +77,7 @@ def baseline(repo) -> dict[str, str]:
 def test_forced_extract_changes_no_output_hash_and_reruns_nothing(repo, baseline):
     """As DVC sees it: an identical re-run of extract leaves every output hash in dvc.lock as it was
     (timings used to live in data/embeddings and changed its hash), so nothing downstream re-runs."""
-    assert len(baseline) == 18 and all(baseline.values())  # every out, metric and plot of 7 stages
+    assert len(baseline) == 23 and all(baseline.values())  # every out, metric and plot of 7 stages
     r = dvc(repo, "repro", "-f", "-s", "extract")
     assert ran(r.stdout) == {"extract"}, r.stdout
     assert lock_outs(repo) == baseline
@@ -116,6 +116,8 @@ def test_experiments_rerun_only_what_changed(repo, baseline):
     dvc(repo, "plots", "show", "-o", str(repo / "plots_out"))
     html = (repo / "plots_out" / "index.html").read_text()
     assert "Confusion matrix (test split)" in html and "prediction_grid.png" in html
+    assert "top_losses.png" in html and "Top losses (test split)" in html and "Most confused classes" in html
+    assert "Reliability diagram (test split)" in html
     assert "Training curves (finetune)" in html and "Training curves (head)" in html
     # Back to the baseline for the tests that follow: git restores params, lock and uncached metrics.
     sh(repo, "git", "checkout", "--", ".")
@@ -164,7 +166,8 @@ def test_the_project_renders_its_plots_with_the_offline_template():
 @pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium (make setup installs it where apt-get can)")
 def test_plots_render_offline_in_a_real_browser(repo, baseline, tmp_path):
     """dvc plots show with the project's template, opened by headless Chromium with no network: every
-    Vega plot (confusion matrix, both training curves) must have drawn its canvas."""
+    Vega plot (confusion matrix, both training curves, the reliability diagram, the top losses'
+    probabilities, the most-confused pairs) must have drawn its canvas."""
     out = tmp_path / "plots"
     dvc(repo, "plots", "show", "-o", str(out))
     html = (out / "index.html").read_text()
@@ -175,7 +178,7 @@ def test_plots_render_offline_in_a_real_browser(repo, baseline, tmp_path):
     assert sorted(empty) == ["metrics_finetune_lr_find_json", "metrics_train_head_lr_find_json"], empty
     every = re.findall(r"vegaEmbed\('#([^']+)'", html)
     ids = [i for i in every if i not in empty]
-    assert len(ids) == 3 and any("confusion_matrix" in i for i in ids), ids
+    assert len(ids) == 6 and any("confusion_matrix" in i for i in ids), ids
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                           "--no-proxy-server", "--proxy-server=127.0.0.1:9",  # nothing from the network, for sure
                           "--virtual-time-budget=15000", "--dump-dom", (out / "index.html").as_uri()],
@@ -197,7 +200,7 @@ def test_exported_model_records_where_it_came_from(repo, baseline):
     assert len(prov["git"]["revision"]) == 40
     sh(repo, "git", "merge-base", "--is-ancestor", prov["git"]["revision"], "HEAD")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(prov["stages"]) == {"prepare", "pretrain", "extract", "train_head", "finetune"}
+    assert set(prov["stages"]) == {"prepare", "pretrain", "extract", "train_head", "finetune", "evaluate"}
     for stage, recorded in prov["stages"].items():
         assert recorded["params"] == lock[stage]["params"]["params.yaml"]
         assert recorded["outs"] == {o["path"]: o["md5"] for o in lock[stage]["outs"]}

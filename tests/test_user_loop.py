@@ -1,5 +1,6 @@
-"""After `dvc repro`: exports a deployment can use (ONNX, TorchScript) checked against PyTorch,
-`predict` on new files (with torch, and with onnxruntime alone), and DVCLive's logs."""
+"""After `dvc repro`: exports a deployment can use (ONNX, TorchScript) checked against PyTorch, with
+the temperature evaluate fitted built in, `predict` on new files (with torch, and with onnxruntime
+alone; with and without flip TTA), and DVCLive's logs."""
 import csv
 import os
 import shutil
@@ -47,11 +48,15 @@ def test_convert_exports_onnx_and_torchscript_that_match_pytorch(project):
         image_size=16, resize_size=18, crop_pct=0.875, interpolation="bilinear")
     assert meta["preprocess"]["mean"] == meta["mean"] == [0.485, 0.456, 0.406]
     assert meta["preprocess"]["origin"]["interpolation"].startswith("weights: torchvision ResNet18_Weights.IMAGENET1K_V1")
-    # Any batch size, uint8 in, and the same logits as the model on the prepared test images.
+    # Any batch size, uint8 in, and the model's logits on the prepared test images divided by the temperature
+    # evaluate fitted (the head trained on 10 images a class is under-confident: T well below 1), so that
+    # their softmax is the calibrated probabilities.
+    t = read_json(project / "models/calibration.json")["temperature"]
+    assert meta["temperature"] == t and meta["calibration"]["fitted_on"] == "val" and not 0.9 < t < 1.1
     test, _ = storage.read_split(project / "data/prepared", "test")
     model = models.load_model(project / "models/model/model.safetensors", meta)
     want = training.predict(model, test["images"][:7], mean=meta["mean"], std=meta["std"], batch_size=7,
-                            device=torch.device("cpu"), amp=False).numpy()
+                            device=torch.device("cpu"), amp=False).numpy() / np.float32(t)
     session = export.onnx_session(project / "models/export/model.onnx", device="cpu")
     for n in (1, 7):
         got = export.onnx_logits(session, test["images"][:n].numpy())
@@ -59,6 +64,8 @@ def test_convert_exports_onnx_and_torchscript_that_match_pytorch(project):
     scripted = torch.jit.load(str(project / "models/export/model.torchscript.pt"), map_location="cpu")
     with torch.inference_mode():
         np.testing.assert_allclose(scripted(test["images"][:3]).numpy(), want[:3], atol=1e-4)
+    probs = torch.softmax(torch.from_numpy(export.onnx_logits(session, test["images"][:7].numpy())).double(), 1)
+    np.testing.assert_allclose(probs.numpy(), torch.softmax(torch.from_numpy(want).double(), 1).numpy(), atol=1e-5)
 
 
 def test_an_export_that_disagrees_fails_convert_with_the_numbers(project, monkeypatch):
@@ -115,7 +122,7 @@ def test_predict_classifies_files_and_folders_like_the_model(project, tmp_path):
     model = models.load_model(project / "models/model/model.safetensors", meta)
     logits = training.predict(model, images, mean=meta["mean"], std=meta["std"], batch_size=8,
                               device=torch.device("cpu"), amp=False)
-    want = torch.softmax(logits.double(), 1)
+    want = torch.softmax(logits.double() / meta["temperature"], 1)  # the calibrated probabilities
     r = _predict(project, str(tmp_path / "new"), str(tmp_path / "missing.png"), "--top-k", "2",
                  "--out", str(tmp_path / "p.csv"), "--batch-size", "4")
     assert r.returncode == 0, r.stderr
@@ -140,6 +147,30 @@ def test_predict_runs_on_onnx_without_torch(project, tmp_path):
     assert [r["label_1"] for r in a] == [r["label_1"] for r in b]
     assert all(abs(float(x["prob_1"] or 0) - float(y["prob_1"] or 0)) < 1e-4 for x, y in zip(a, b))
     assert "CPUExecutionProvider" in onnx.stderr
+
+
+def test_predict_tta_averages_image_and_mirror_in_both_runners(project, tmp_path):
+    """predict --tta: each image's probabilities are the mean of its own and its mirror image's, calibrated,
+    with torch and with onnxruntime alone; the model is flip-sensitive, so the averaging shows."""
+    files = _photos(tmp_path / "new", project)
+    meta = read_json(project / "models/export/model.json")
+    spec = preprocess.Spec.from_dict(meta["preprocess"], "model.json")
+    images = torch.from_numpy(np.stack([img for img, _ in decoded(files, spec, workers=1)]))
+    model = models.load_model(project / "models/model/model.safetensors", meta)
+    kw = dict(mean=meta["mean"], std=meta["std"], batch_size=8, device=torch.device("cpu"), amp=False)
+    probs = [torch.softmax(training.predict(model, x, **kw).double() / meta["temperature"], 1)
+             for x in (images, torch.flip(images, dims=(3,)))]
+    assert (probs[0] - probs[1]).abs().max() > 0.01
+    want = (probs[0] + probs[1]) / 2
+    for runner in ([], ["--onnx"]):
+        r = _predict(project, str(tmp_path / "new"), "--tta", "--top-k", "5", "--out", str(tmp_path / "p.csv"), *runner,
+                     block_torch=bool(runner))
+        assert r.returncode == 0 and "with flip TTA" in r.stderr, r.stderr
+        rows = [row for row in _read(tmp_path / "p.csv") if row["status"] == "ok"]
+        assert len(rows) == 6
+        for i, row in enumerate(rows):
+            got = {row[f"label_{k}"]: float(row[f"prob_{k}"]) for k in range(1, 6)}
+            assert got == pytest.approx({c: float(want[i, j]) for j, c in enumerate(meta["classes"])}, abs=2e-5), runner
 
 
 def test_predict_exits_2_only_when_nothing_could_be_read(project, tmp_path):

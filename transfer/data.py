@@ -712,7 +712,9 @@ def find_leaks(digests: list[str], splits: list[str], refs: list[str]) -> list[l
     return [[f"{s}:{r}" for s, r in group] for group in by_hash.values() if len({s for s, _ in group}) > 1]
 
 
-MANIFEST_FIELDS = ["ref", "label", "split", "split_key", "origin", "status", "reason"]
+# index: the file's row in its split's files ({split}.images.npy), so a test image evaluate names (top
+# losses) leads back to its file; empty for files in no split.
+MANIFEST_FIELDS = ["ref", "label", "split", "split_key", "origin", "status", "reason", "index"]
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:

@@ -2,8 +2,10 @@
 each checked against PyTorch; and the ONNX runner `predict --onnx` uses.
 
 An exported model takes what any image library gives after the resize and crop: uint8 RGB
-(B, 3, S, S) with any batch size B, and returns logits; scaling to [0, 1] and the mean/std
-normalisation are part of the graph, so a deployed user cannot get them wrong. How to get from a
+(B, 3, S, S) with any batch size B, and returns logits, already divided by the temperature that
+evaluate fitted (model.json's "temperature"), so their softmax is calibrated; scaling to [0, 1], the
+mean/std normalisation and the temperature are part of the graph, so a deployed user cannot get them
+wrong. How to get from a
 photo to (3, S, S) is written in model.json ("preprocess": the recipe and its resolved values, each
 with where it came from), and `predict` applies exactly that.
 
@@ -49,8 +51,9 @@ class ExportError(UserError):
     """An export that does not reproduce the model, or a model that cannot be exported."""
 
 
-# The stages whose outputs a trained model comes from, in pipeline order (convert reads their dvc.lock entries).
-UPSTREAM = ("prepare", "pretrain", "extract", "train_head", "finetune")
+# The stages whose outputs an exported model comes from, in pipeline order (convert reads their dvc.lock
+# entries): evaluate's is the temperature fitted on val.
+UPSTREAM = ("prepare", "pretrain", "extract", "train_head", "finetune", "evaluate")
 
 
 def provenance(*, lock_path: Path, project: Path, weights_sha256: str) -> dict:
@@ -84,9 +87,11 @@ def provenance(*, lock_path: Path, project: Path, weights_sha256: str) -> dict:
     return out
 
 
-def deployable(model: "torch.nn.Module", mean, std) -> "torch.nn.Module":
+def deployable(model: "torch.nn.Module", mean, std, temperature: float = 1.0) -> "torch.nn.Module":
     """model wrapped so that it takes uint8 images and normalises them itself, exactly as training did
-    (transfer.training.to_input: x / 255, then (x - mean) / std, in float32)."""
+    (transfer.training.to_input: x / 255, then (x - mean) / std, in float32), and divides its logits
+    by `temperature` (transfer.calibration), so that their softmax is the calibrated probabilities.
+    At 1.0 there is no division in the graph at all."""
     import torch
     from torch import nn
 
@@ -96,10 +101,14 @@ def deployable(model: "torch.nn.Module", mean, std) -> "torch.nn.Module":
             self.model = model
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+            self.calibrated = float(temperature) != 1.0
+            if self.calibrated:
+                self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             x = images.float() / 255.0
-            return self.model((x - self.mean) / self.std)
+            logits = self.model((x - self.mean) / self.std)
+            return logits / self.temperature if self.calibrated else logits
 
     return Deployable().eval()
 

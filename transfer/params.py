@@ -199,6 +199,14 @@ SCHEMA: dict[str, Any] = {
     "evaluate": {
         "grid_images": Field("int", 24, "test images in the prediction grid", min=1, max=256),
         "batch_size": Field("int", 512, "inference batch size", min=1),
+        "top_losses": Field("int", 16, "test images the model got most confidently wrong, shown in metrics/top_losses.png "
+                            "and listed in metrics/top_losses.csv; 0 = off", min=0, max=256),
+        "confused_pairs": Field("int", 10, "the most frequent (true, predicted) class pairs among the errors in "
+                                "metrics/confused_pairs.json", min=1),
+        "tta": Field("str", "none", "test-time augmentation reported beside the plain numbers (tta_*): flip = the mean "
+                     "of the probabilities of each image and its mirror image", choices=("none", "flip")),
+        "calibrate": Field("bool", True, "fit a temperature on the val split's logits (models/calibration.json); convert "
+                           "builds it into the exports, so their probabilities are calibrated. Never changes a prediction"),
     },
     "convert": {
         "fp16": Field("bool", True, "also write a float16 copy of the weights"),
