@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test bench data browser experiments study-scenarios study-backbones
+.PHONY: setup test bench data browser experiments study-scenarios study-backbones advise
 
 setup: $(BIN)/dvc data browser
 	@echo "ready: run 'source $(VENV)/bin/activate' then 'dvc repro'"
@@ -54,3 +54,8 @@ study-scenarios:
 
 study-backbones:
 	$(BIN)/python -m benchmarks.backbones
+
+# The scenario study's grid on the data params.yaml points at, and a recommendation (advice/); e.g.
+# make advise ARGS="--budgets 5,20 --seeds 3"
+advise:
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.advise $(ARGS)

@@ -59,6 +59,7 @@ class Study:
     seeds: list[int]
     tune_budget: int
     strategies: list[tuple[str, str, int]] = field(default_factory=lambda: list(STRATEGIES))
+    threads: int = 1  # runtime.threads of every cell; 0 = as many as the worker's share of the cores
 
 
 def full_study() -> Study:
@@ -83,7 +84,7 @@ def cell_params(study: Study, domain: str, budget: int, strategy: str, freeze: i
     these (whatever ran before it in its clone), and a recorded cell counts as done only with these."""
     p = {**study.common, **study.domains[domain], "seed": seed, "data.split_seed": seed, "data.train_per_class": budget,
          "strategy": strategy, "finetune.epochs": study.epochs[budget], "finetune.freeze_blocks": max(freeze, 1),
-         "runtime.threads": 1}
+         "runtime.threads": study.threads}
     if strategy == "feature_extract":
         p.update({"train_head.lr": lr, "finetune.lr": study.lrs[0]})
     else:
@@ -194,8 +195,10 @@ def run_jobs(pool: experiments.Pool, jobs: list[Job], done: dict, record) -> Non
         raise RuntimeError(f"scenarios: experiment {failed[0].experiment.name} failed{others}:\n{failed[0].tail(40)}")
 
 
-def run_study(study: Study, project: Path, results_file: Path, workers: int = 2, log=print) -> dict:
-    """Tune each strategy's lr per domain (at tune_budget, first seed), then every budget x seed at it."""
+def run_study(study: Study, project: Path, results_file: Path, workers: int = 2, log=print,
+              slots: list[experiments.Slot] | None = None) -> dict:
+    """Tune each strategy's lr per domain (at tune_budget, first seed), then every budget x seed at it.
+    The cells run on `slots` (default: `workers` CPU slots)."""
     results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
     results.setdefault("cells", {})
     results.setdefault("tuning", {})
@@ -208,13 +211,17 @@ def run_study(study: Study, project: Path, results_file: Path, workers: int = 2,
         log(f"{job.name}: {', '.join(accs) or 'done'} ({result['seconds']} s; ran {', '.join(result['ran']) or 'nothing'})")
 
     start = time.perf_counter()
-    with experiments.Pool(project, experiments.cpu_slots(workers)) as pool:
-        run_jobs(pool, tuning_jobs(study), results["tuning"], record)
+    slots = slots or experiments.cpu_slots(workers)
+    with experiments.Pool(project, slots) as pool:
+        tuning = tuning_jobs(study)
+        run_jobs(pool, tuning, results["tuning"], record)
+        # Only this grid's tuning runs: the results file may hold others (an earlier lr grid or tuning budget).
+        current = {job.name for job in tuning}
         chosen = {}
         for domain in study.domains:
             for label, _, _ in study.strategies:
-                tried = [c for c in results["tuning"].values()
-                         if c["kind"] == "tune" and c["domain"] == domain and c["strategy"] == label]
+                tried = [c for c in results["tuning"].values() if c["name"] in current
+                         and c["kind"] == "tune" and c["domain"] == domain and c["strategy"] == label]
                 best = max(tried, key=lambda c: (c["val_acc"], -c["lr"]))  # ties: the smaller lr
                 chosen[f"{domain}/{label}"] = best["lr"]
         results["chosen_lr"] = chosen
@@ -222,7 +229,7 @@ def run_study(study: Study, project: Path, results_file: Path, workers: int = 2,
         results["experiments_fetched"] = len(pool.collect())
     results["study"] = dict(budgets=study.budgets, seeds=study.seeds, lrs=study.lrs, head_lrs=study.head_lrs,
                             epochs={str(k): v for k, v in study.epochs.items()}, tune_budget=study.tune_budget,
-                            domains=study.domains, common=study.common, workers=workers,
+                            domains=study.domains, common=study.common, workers=len(slots),
                             strategies=[label for label, _, _ in study.strategies])
     results["seconds_this_run"] = round(time.perf_counter() - start, 1)
     everything = list(results["cells"].values()) + list(results["tuning"].values())
@@ -286,6 +293,7 @@ def figure(results: dict, path: Path) -> None:
                 ax.errorbar(xs, [100 * m for m in ms], yerr=[100 * d for d in sd], marker="o", capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # budgets within a decade: no "3x10^0"
         ax.set_title(f"{domain}: {results['study']['domains'][domain]['backbone.arch']}")
         ax.set_xlabel("labelled images per class")
         ax.grid(alpha=0.3)
