@@ -329,8 +329,11 @@ def summarise(results: dict) -> list[dict]:
 def table(results: dict) -> str:
     lines = ["| labelled / class | tool | seeds | test accuracy % | wall time s |", "|---:|---|---:|---:|---:|"]
     for r in summarise(results):
-        lines.append(f"| {r['budget']} | {LABELS[r['tool']]} | {r['seeds']} | {100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} "
-                     f"| {r['wall_mean']:.0f} ± {r['wall_std']:.0f} |")
+        if r["seeds"] > 1:
+            acc, wall = f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f}", f"{r['wall_mean']:.0f} ± {r['wall_std']:.0f}"
+        else:  # one seed has no spread to show
+            acc, wall = f"{100 * r['acc_mean']:.1f}", f"{r['wall_mean']:.0f}"
+        lines.append(f"| {r['budget']} | {LABELS[r['tool']]} | {r['seeds']} | {acc} | {wall} |")
     return "\n".join(lines) + "\n"
 
 
