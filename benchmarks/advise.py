@@ -440,12 +440,7 @@ def run(args, project: Path, results_file: Path) -> dict:
                        lrs=parse_floats(args.lrs, "--lrs") if args.lrs else None,
                        epochs=args.epochs or p.finetune.epochs)
     check_cells(study, base)
-    if args.gpus is not None:
-        slots = experiments.gpu_slots(args.gpus)
-    elif args.workers is not None:
-        slots = experiments.cpu_slots(args.workers)
-    else:
-        slots = experiments.default_slots()
+    slots = experiments.slots_for(gpus=args.gpus, workers=args.workers)
 
     stamp = fingerprint(project, p.data)
     if results_file.exists() and json.loads(results_file.read_text()).get("fingerprint") != stamp:

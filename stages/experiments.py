@@ -106,12 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     project = Path.cwd()
     planned = exps.plan(project, sets=args.sets, queue_file=args.queue, prefix=args.name, target=args.target,
                         validate=validate)
-    if args.gpus is not None:
-        slots = exps.gpu_slots(args.gpus)
-    elif args.workers is not None:
-        slots = exps.cpu_slots(args.workers)
-    else:
-        slots = exps.default_slots()
+    slots = exps.slots_for(gpus=args.gpus, workers=args.workers)
     start = time.perf_counter()
     outcomes = run(planned, slots, project, args.workdir)
     print(summary(outcomes))

@@ -185,6 +185,15 @@ def default_slots(cpu_workers: int = 2) -> list[Slot]:
     return gpu_slots(",".join(map(str, range(len(gpus)))), gpus) if gpus else cpu_slots(cpu_workers)
 
 
+def slots_for(*, gpus: str | None = None, workers: int | None = None) -> list[Slot]:
+    """The slots a command's --gpus / --workers ask for (--gpus first); neither: default_slots()."""
+    if gpus is not None:
+        return gpu_slots(gpus)
+    if workers is not None:
+        return cpu_slots(workers)
+    return default_slots()
+
+
 # ---------------------------------------------------------------- experiments and what became of them
 
 
