@@ -153,10 +153,7 @@ def find_finetune_lr(model: nn.Module, *, param_groups: list[dict], train_images
             if mixer is not None:  # as fit: the whole step's batch, normalised, mixed with its mirror
                 batch = training.to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
                 targets = mix_batch(batch, y, mixer, generator=gen)
-            if weight is None:
-                norm = len(idx)
-            else:
-                norm = float(weight[y].sum()) if targets is None else float((targets @ weight).sum())
+            norm = training.loss_norm(y, weight, targets)
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for part in torch.tensor_split(torch.arange(len(idx), device=device), accumulate * world):

@@ -674,11 +674,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             if mixer is not None:  # the step's whole batch, normalised: each image is mixed with its mirror in it
                 batch = to_input(batch, mean=mean, std=std, device=device, memory_format=fmt)
                 targets = mix_batch(batch, y, mixer, generator=gen)
-            # What the step's loss is the mean over: its images, or their summed class weights.
-            if weight is None:
-                norm = len(idx)
-            else:
-                norm = float(weight[y].sum()) if targets is None else float((targets @ weight).sum())
+            norm = loss_norm(y, weight, targets)
             opt.zero_grad(set_to_none=True)
             micro = torch.tensor_split(torch.arange(len(idx)), accumulate)
             for i, part in enumerate(micro):
@@ -748,6 +744,14 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                     epoch=epoch, generator=gen.get_state(), rng=rng, history=history, best_acc=best_acc,
                     best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint, **extra))
     return best_state, history, best_epoch
+
+
+def loss_norm(labels: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor | None) -> float:
+    """What a step's loss is the mean over: its images, or their summed class weights (of the soft targets
+    when the batch was mixed). fit and the lr range test divide each micro-batch's summed loss by it."""
+    if weight is None:
+        return float(len(labels))
+    return float(weight[labels].sum()) if targets is None else float((targets @ weight).sum())
 
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
