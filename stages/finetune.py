@@ -13,7 +13,10 @@ and crop_ratio), augment_hflip, auto_augment, and timm's mixup / cutmix.
 With finetune.lr: auto, fastai's range test (transfer.lr_find) chooses lr first, on a copy of the model.
 
 Outputs: models/model/model.safetensors + model.json (construction arguments, classes,
-normalisation, the backbone's preprocessing spec); metrics/finetune.json (with lr: auto, lr_chosen);
+normalisation, the backbone's preprocessing spec, the sha256 of the backbone it started from) and
+val_logits.safetensors (the kept weights' logits over the val split, as validation computed them:
+evaluate fits the temperature on them without another pass of the model over val);
+metrics/finetune.json (with lr: auto, lr_chosen);
 curves in metrics/curves/finetune; the range test's curve (lr, smoothed loss) in
 metrics/finetune/lr_find.json, an empty list unless lr is auto. A resumable training state is kept in
 models/checkpoints/finetune.pt.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from transfer import cli, lr_find, models, paths, storage, tracking, training
+from transfer import calibration, cli, lr_find, models, paths, storage, tracking, training
 from transfer.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from transfer.params import Params, load_params
 
@@ -54,7 +57,7 @@ def build_model(*, strategy: str, backbone_dir: Path, head_dir: Path, freeze_blo
         models.freeze_first_blocks(model, info["arch"], info["num_blocks"])
     meta = dict(arch=info["arch"], image_size=info["image_size"], num_classes=head_desc["num_classes"],
                 classes=head_desc["classes"], mean=info["mean"], std=info["std"], preprocess=info["preprocess"],
-                strategy=strategy,
+                strategy=strategy, backbone_sha256=None if strategy == "scratch" else info["sha256"],
                 head=dict(kind=head_desc["kind"], hidden=head_desc["hidden"], dropout=head_desc["dropout"]))
     return model, meta
 
@@ -92,15 +95,15 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
                           model_file=head_dir / "head.json",
                           fix="re-run extract and train_head on this data (dvc repro finetune)")
     mean, std = meta["mean"], meta["std"]
-    val_all, lr_chosen, lr_curve = None, None, []
+    val_all, lr_chosen, lr_curve, val_logits = None, None, [], None
     if p.strategy == "feature_extract":
         # The backbone is frozen, so its val outputs are the embeddings train_head selected on: running it
         # over val again gave the same number (but for the embeddings' float16 rounding, which
         # train_head's val accuracy has too) at the cost of a backbone pass over 1,500 images.
         cached, _ = load_tensors(paths.split_file(embeddings_dir, "val"))
         with torch.inference_mode():
-            logits = model.head.eval()(cached["embeddings"].float())
-        history = [dict(epoch=0, val_acc=training.accuracy(logits, cached["labels"]))]
+            val_logits = model.head.eval()(cached["embeddings"].float())
+        history = [dict(epoch=0, val_acc=training.accuracy(val_logits, cached["labels"]))]
         best_state, best_epoch = model.state_dict(), 1
     else:
         # The checkpoint is the resume state: without resume it would be ~1 GB of writes per run for nothing.
@@ -129,6 +132,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             if rank == 0:
                 print(f"finetune: lr auto -> {lr:.3g} (range test: {len(lr_curve)} steps, {find_seconds:.1f} s)")
         start = time.perf_counter()
+        fitted = {}
         best_state, history, best_epoch = training.fit(
             model, train_images=train["images"], train_labels=train["labels"], val_images=val["images"],
             val_labels=val["labels"], param_groups=groups(lr), epochs=f.epochs, batch_size=f.batch_size,
@@ -141,14 +145,15 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
             accumulate=f.accumulate, ema_decay=f.ema_decay if f.ema else None, class_weights=weights,
             crop=f.augment, crop_scale=f.crop_scale, crop_ratio=f.crop_ratio, auto_augment=f.auto_augment,
             mixup=f.mixup, cutmix=f.cutmix, num_classes=meta["num_classes"],
-            sampler=f.sampler)
+            sampler=f.sampler, outputs=fitted)
         seconds = time.perf_counter() - start
+        val_logits = fitted["val_logits"]
         if f.val_images is not None and f.val_images < len(val["labels"]):
             # A subset chose the epoch; the number reported is the whole split's, for the weights kept.
             model.load_state_dict(best_state)
-            logits = training.predict(model, val["images"], mean=mean, std=std, batch_size=p.evaluate.batch_size,
-                                      device=device, amp=p.runtime.amp)
-            val_all = training.accuracy(logits, val["labels"])
+            val_logits = training.predict(model, val["images"], mean=mean, std=std, batch_size=p.evaluate.batch_size,
+                                          device=device, amp=p.runtime.amp)
+            val_all = training.accuracy(val_logits, val["labels"])
         if timing_path is not None and rank == 0:
             timing = dict(epochs=f.epochs, train_images=len(train["labels"]), seconds=round(seconds, 3),
                           seconds_per_epoch=round(seconds / max(1, f.epochs), 3), device=str(device), compiled=compiled)
@@ -165,6 +170,7 @@ def run_finetune(*, p: Params, prepared_dir: Path, embeddings_dir: Path, backbon
     if rank == 0:  # under torchrun every rank holds the same weights; one writes them
         save_tensors(out_dir / "model.safetensors", best_state, meta=meta)
         write_json(out_dir / "model.json", meta)
+        calibration.write_val_logits(out_dir, val_logits, val["labels"])
         write_json(metrics_path, metrics)
         tracking.log_history(curves_dir, history)
         if lr_find_path is not None:  # always written: dvc.yaml declares it

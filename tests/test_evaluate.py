@@ -13,7 +13,7 @@ from conftest import tiny_params, write_params
 from stages.evaluate import Outputs, most_confused, prediction_grid, top_loss_indices
 from test_stages import STAGES, run_pipeline, run_stage
 from transfer import calibration, data, models, paths, preprocess, storage, training
-from transfer.io import read_json, sha256_file
+from transfer.io import load_tensors, read_json, save_tensors, sha256_file
 
 
 def softmax(z):  # by hand, apart from the module under test
@@ -191,8 +191,17 @@ def test_calibration_is_fitted_on_val_and_reported_before_and_after(digits):
     meta = read_json(digits / "models/model/model.json")
     val, _ = storage.read_split(digits / "data/prepared", "val")
     model = models.load_model(digits / "models/model/model.safetensors", meta)
-    val_logits = training.predict(model, val["images"], mean=meta["mean"], std=meta["std"], batch_size=512,
-                                  device=torch.device("cpu"), amp=True).double()
+    full = training.predict(model, val["images"], mean=meta["mean"], std=meta["std"], batch_size=512,
+                            device=torch.device("cpu"), amp=True).double()
+    # A feature_extract model's val logits are its head on the cached (float16) val embeddings, the ones
+    # train_head selected on and finetune kept: the model's own up to the embeddings' rounding.
+    assert meta["strategy"] == "feature_extract"
+    cached, _ = load_tensors(digits / "data/embeddings/val.safetensors")
+    with torch.inference_mode():
+        val_logits = model.head.eval()(cached["embeddings"].float()).double()
+    kept, _ = load_tensors(digits / "models/model/val_logits.safetensors")
+    assert torch.equal(kept["logits"].double(), val_logits) and torch.equal(kept["labels"], val["labels"])
+    torch.testing.assert_close(val_logits, full, rtol=0, atol=2e-3 * float(full.abs().max()))
     nll = lambda t: float(torch.nn.functional.cross_entropy(val_logits / t, val["labels"]))
     t = fitted["temperature"]
     assert fitted["val_nll_after"] == pytest.approx(nll(t)) and fitted["val_nll_before"] == pytest.approx(nll(1.0))
@@ -247,3 +256,54 @@ def test_bad_tta_names_the_choices(digits, tmp_path, monkeypatch):
         assert stage_error("evaluate") == "evaluate: evaluate.tta: 'rotate' is not valid; choose one of: none, flip"
     finally:
         write_params(digits, tiny_params(pretrained={"source": "none"}, evaluate={"tta": "flip", "top_losses": 7}))
+
+
+def test_a_frozen_backbone_model_is_scored_from_the_cached_test_embeddings(digits, tmp_path):
+    """extract keeps the test split's embeddings in float32, and evaluate scores a feature_extract model
+    from them: the model's own logits (run here over the images) to float32's last bits. Embeddings of
+    another backbone, or a model that trained its backbone, are not used."""
+    from stages.evaluate import head_logits
+
+    meta = read_json(digits / "models/model/model.json")
+    test, _ = storage.read_split(digits / "data/prepared", "test")
+    model = models.load_model(digits / "models/model/model.safetensors", meta)
+    full = training.predict(model, test["images"], mean=meta["mean"], std=meta["std"], batch_size=512,
+                            device=torch.device("cpu"), amp=False).numpy()
+    cached = head_logits(model, meta, digits / "data/embeddings", test["labels"])
+    assert cached is not None and cached.dtype == np.float32
+    np.testing.assert_allclose(cached, full, rtol=0, atol=1e-5)
+    assert head_logits(model, {**meta, "strategy": "finetune"}, digits / "data/embeddings", test["labels"]) is None
+    assert head_logits(model, {**meta, "backbone_sha256": "0" * 64}, digits / "data/embeddings", test["labels"]) is None
+    assert head_logits(model, meta, tmp_path, test["labels"]) is None  # no embeddings there
+    # float16 embeddings (as train and val are kept) would be an approximation: not used for test.
+    emb, info = load_tensors(digits / "data/embeddings/test.safetensors")
+    save_tensors(tmp_path / "test.safetensors", {"labels": emb["labels"], "embeddings": emb["embeddings"].half()}, meta=info)
+    assert head_logits(model, meta, tmp_path, test["labels"]) is None
+
+
+def test_a_trained_model_is_calibrated_on_the_val_logits_finetune_kept(digits, tmp_path, monkeypatch):
+    """strategy finetune: finetune keeps its chosen weights' val logits beside them, they are the saved
+    weights' own, and evaluate fits the temperature on them (and not on a stale file for other weights)."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(digits, root)
+    monkeypatch.chdir(root)
+    write_params(root, tiny_params(pretrained={"source": "none"}, strategy="finetune", finetune={"epochs": 2}))
+    run_pipeline(root, ("finetune", "evaluate"))
+    meta = read_json(root / "models/model/model.json")
+    val, _ = storage.read_split(root / "data/prepared", "val")
+    model = models.load_model(root / "models/model/model.safetensors", meta)
+    own = training.predict(model, val["images"], mean=meta["mean"], std=meta["std"], batch_size=512,
+                           device=torch.device("cpu"), amp=True)
+    kept, kept_meta = load_tensors(root / "models/model/val_logits.safetensors")
+    assert torch.equal(kept["logits"], own)
+    assert kept_meta["model_sha256"] == sha256_file(root / "models/model/model.safetensors")
+    fitted = read_json(root / "models/calibration.json")
+    nll = float(torch.nn.functional.cross_entropy(own.double(), val["labels"]))
+    assert fitted["val_nll_before"] == pytest.approx(nll, rel=1e-9)
+    # Logits of other weights are not used: evaluate runs the model over val instead.
+    from transfer import calibration
+    assert calibration.read_val_logits(digits / "models/model", val["labels"]) is not None
+    shutil.copy(digits / "models/model/val_logits.safetensors", root / "models/model/val_logits.safetensors")
+    assert calibration.read_val_logits(root / "models/model", val["labels"]) is None

@@ -489,3 +489,52 @@ def test_recipe_params_fail_with_the_key_and_the_choices():
         validate({**p, "train_head": {**p["train_head"], "class_weights": "inverse"}})
     with pytest.raises(ParamsError, match="finetune.clip_grad: 0.0 is not above the minimum"):
         validate({**p, "finetune": {**p["finetune"], "clip_grad": 0}})
+
+
+# --- what fit keeps for evaluate ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("val_subset, eval_every", [(None, 1), (None, 2), (9, 1)])
+def test_fit_keeps_the_kept_weights_val_logits(val_subset, eval_every):
+    """fit's outputs["val_logits"] are the kept (best-epoch) weights' logits over the validated images, as
+    evaluate would compute them from the saved weights, so evaluate's temperature needs no val pass; with a
+    subset, the subset's (finetune then runs the whole split itself)."""
+    images, labels = _images(24)
+    val_images, val_labels = _images(15, seed=2)
+    model, out = _net(), {}
+    best, history, best_epoch = _fit(model, images, labels, val_images, val_labels, epochs=3, val_subset=val_subset,
+                                     eval_every=eval_every, outputs=out)
+    model.load_state_dict(best)
+    seen = training.balanced_subset(val_labels, val_subset)
+    shown = val_images if seen is None else val_images[seen]
+    expected = training.predict(model, shown, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, batch_size=64,
+                                device=CPU, amp=False)
+    assert out["val_logits"].dtype == torch.float32 and torch.equal(out["val_logits"], expected)
+    no_val = {}
+    _fit(_net(), images, labels, outputs=no_val)
+    assert no_val["val_logits"] is None
+
+
+def test_resumed_fit_keeps_the_val_logits_of_the_epoch_chosen_before_the_stop(tmp_path):
+    """The best epoch's logits travel in the checkpoint: a run stopped after its best epoch (2 of 3 here)
+    and resumed returns them, though the resumed process never validated that epoch."""
+    images, labels = _images(24)
+    val_images, val_labels = _images(15, seed=2)
+    kw = dict(epochs=3, batch_size=4)
+    whole = {}
+    best, _, best_epoch = _fit(_net(), images, labels, val_images, val_labels, outputs=whole, **kw)
+    assert best_epoch == 2
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(line):
+        if line.startswith("epoch 3/"):  # after epoch 3's validation, before its checkpoint
+            raise Stop
+
+    kw.update(checkpoint=tmp_path / "fit.pt", resume=True, fingerprint="same")
+    with pytest.raises(Stop):
+        _fit(_net(), images, labels, val_images, val_labels, log=stop_at_3, **kw)
+    resumed = {}
+    again, _, again_epoch = _fit(_net(), images, labels, val_images, val_labels, outputs=resumed, **kw)
+    assert again_epoch == 2 and all(torch.equal(best[k], again[k]) for k in best)
+    assert torch.equal(resumed["val_logits"], whole["val_logits"])

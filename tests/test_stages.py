@@ -161,7 +161,7 @@ def test_balanced_subset_takes_classes_in_turn_and_nests():
     assert balanced_subset(labels, 7).tolist() == sorted(six + [2])  # one more: class 0's third image
 
 
-def test_feature_extract_reports_the_heads_val_accuracy_without_running_the_backbone(in_tmp, monkeypatch):
+def test_feature_extract_is_scored_and_calibrated_without_running_the_backbone(in_tmp, monkeypatch):
     write_params(in_tmp, tiny_params(pretrained={"source": "none"}))
     run_pipeline(in_tmp, STAGES[:4])
     from transfer import training
@@ -172,7 +172,12 @@ def test_feature_extract_reports_the_heads_val_accuracy_without_running_the_back
     monkeypatch.setattr(training, "predict_batches", no_backbone)
     run_stage("finetune", in_tmp)
     assert read_json(in_tmp / "metrics/finetune.json")["val_acc"] == read_json(in_tmp / "metrics/train_head.json")["val_acc"]
-    assert sorted(p.name for p in (in_tmp / "data/embeddings").iterdir()) == ["train.safetensors", "val.safetensors"]
+    # evaluate neither: the test logits come from extract's test embeddings (float32), the temperature's val
+    # logits from those finetune kept (tests/test_evaluate.py checks both against the model run on images).
+    run_stage("evaluate", in_tmp)
+    assert read_json(in_tmp / "models/calibration.json")["fitted_on"] == "val"
+    assert sorted(p.name for p in (in_tmp / "data/embeddings").iterdir()) == ["test.safetensors", "train.safetensors",
+                                                                              "val.safetensors"]
 
 
 def _resnet_file(path: Path, prefix="") -> dict:

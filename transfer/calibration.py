@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from transfer.cli import UserError
-from transfer.io import read_json, sha256_file
+from transfer.io import load_tensors, read_json, save_tensors, sha256_file
 
 BINS = 15  # the usual count since Guo et al.
 # On a val split the model gets entirely right, the NLL keeps falling as T shrinks towards 0 (and
 # rises for ever as T grows on one it gets entirely wrong): T is kept within these bounds.
 T_MIN, T_MAX = 0.01, 100.0
+VAL_LOGITS = "val_logits.safetensors"  # beside model.safetensors in the model folder
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -96,3 +97,28 @@ def read_temperature(path: Path, model_file: Path) -> dict:
     if not isinstance(t, (int, float)) or not T_MIN <= t <= T_MAX:
         raise UserError(f"{path}: temperature {t!r} is not a number in [{T_MIN:g}, {T_MAX:g}]; re-run evaluate")
     return record
+
+
+def write_val_logits(model_dir: Path, logits: torch.Tensor | None, labels: torch.Tensor) -> None:
+    """Keep the logits the trained weights gave on the val split (finetune computes them when it
+    validates) beside the weights, tied to them by the weights' sha256; with no logits (an empty
+    split), remove a stale file."""
+    path = Path(model_dir) / VAL_LOGITS
+    if logits is None or len(logits) != len(labels):
+        path.unlink(missing_ok=True)
+        return
+    save_tensors(path, {"logits": logits.float(), "labels": labels},
+                 meta={"model_sha256": sha256_file(Path(model_dir) / "model.safetensors")})
+
+
+def read_val_logits(model_dir: Path, labels: torch.Tensor) -> np.ndarray | None:
+    """The val logits write_val_logits kept, if they belong to the model folder's weights and to these
+    val labels; None otherwise (then the caller runs the model over val)."""
+    path = Path(model_dir) / VAL_LOGITS
+    if not path.is_file():
+        return None
+    tensors, meta = load_tensors(path)
+    if (meta.get("model_sha256") != sha256_file(Path(model_dir) / "model.safetensors")
+            or not torch.equal(tensors["labels"], labels)):
+        return None
+    return tensors["logits"].numpy()

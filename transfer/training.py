@@ -560,7 +560,8 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
         accumulate: int = 1, ema_decay: float | None = None, class_weights: torch.Tensor | None = None,
         crop: str = "pad_crop", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), auto_augment: str = "none",
         mixup: float = 0.0, cutmix: float = 0.0, num_classes: int | None = None,
-        sampler: str = "shuffle", log: Callable[[str], None] = print) -> tuple[dict, list[dict], int]:
+        sampler: str = "shuffle", log: Callable[[str], None] = print,
+        outputs: dict | None = None) -> tuple[dict, list[dict], int]:
     """Training with per-group learning rates; keeps the best-validation weights.
 
     The recipe: `optimizer` (make_optimizer: sgd, or timm's, with no weight decay on norm and bias), the
@@ -599,6 +600,11 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
 
     With `compile`, training steps and validation run through torch.compile; the weights, their
     names and everything saved are the model's own.
+
+    With `outputs` (a dict), fit puts there `val_logits`: the kept weights' logits (float32, on the CPU)
+    over the validated images (the subset's with `val_subset`), as validation computed them, so that
+    nothing has to run the model over val again for them (evaluate's temperature); None if no epoch
+    was validated on any image.
     """
     import torch.distributed as dist
 
@@ -639,6 +645,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
     history: list[dict] = []
     best_acc, best_epoch = -1.0, 0
     best_state = _snapshot(averaged)
+    best_logits = None
     start, steps = 1, 0
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint)
@@ -652,6 +659,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             gen.set_state(state["generator"])
             _set_rng_state(state["rng"][rank], device)
             history, best_acc, best_epoch, best_state = state["history"], state["best_acc"], state["best_epoch"], state["best_state"]
+            best_logits = state.get("best_val_logits")
             start = state["epoch"] + 1
             log(f"resuming from {checkpoint} after epoch {state['epoch']}")
         else:
@@ -733,6 +741,7 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
             if score > best_acc:
                 best_acc, best_epoch = score, epoch
                 best_state = _snapshot(averaged)
+                best_logits = val_logits.float().cpu() if len(val_seen_labels) else None
         log(line)
         history.append(entry)
         if checkpoint is not None:
@@ -742,7 +751,10 @@ def fit(model: nn.Module, *, train_images: torch.Tensor, train_labels: torch.Ten
                 save_checkpoint(checkpoint, dict(
                     model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                     epoch=epoch, generator=gen.get_state(), rng=rng, history=history, best_acc=best_acc,
-                    best_epoch=best_epoch, best_state=best_state, fingerprint=fingerprint, **extra))
+                    best_epoch=best_epoch, best_state=best_state, best_val_logits=best_logits,
+                    fingerprint=fingerprint, **extra))
+    if outputs is not None:
+        outputs["val_logits"] = best_logits
     return best_state, history, best_epoch
 
 
