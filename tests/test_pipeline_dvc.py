@@ -199,6 +199,7 @@ def test_exported_model_records_where_it_came_from(repo, baseline):
     # a commit of this project's history (the baseline fixture commits the run's results on top of it)
     assert len(prov["git"]["revision"]) == 40
     sh(repo, "git", "merge-base", "--is-ancestor", prov["git"]["revision"], "HEAD")
+    assert prov["git"]["uncommitted_changes"] == []  # the run's own writes (dvc.lock, metrics) are not changes
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(prov["stages"]) == {"prepare", "pretrain", "extract", "train_head", "finetune", "evaluate"}
     for stage, recorded in prov["stages"].items():

@@ -24,14 +24,28 @@ def test_provenance_reads_the_upstream_lock_entries_and_the_revision(tmp_path):
     _git(tmp_path, "commit", "-qm", "lock")
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     prov = export.provenance(lock_path=tmp_path / "dvc.lock", project=tmp_path, weights_sha256="ff")
-    assert prov["git"] == {"revision": rev, "uncommitted_changes": False}
+    assert prov["git"] == {"revision": rev, "uncommitted_changes": []}
     assert prov["weights_sha256"] == "ff"
     assert prov["stages"] == {  # upstream only, in pipeline order; convert's own entry is not its input
         "prepare": {"params": {"data": {"image_size": 32}}, "outs": {"data/prepared": "aa.dir"}},
         "finetune": {"params": {"strategy": "finetune", "seed": 3},
                      "outs": {"models/model": "bb.dir", "metrics/finetune.json": "cc"}}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({**lock, "schema": "2.0 "}))
-    assert export.provenance(lock_path=tmp_path / "dvc.lock", project=tmp_path, weights_sha256="ff")["git"]["uncommitted_changes"]
+    # What a run writes (dvc.lock, params.yaml under `dvc exp run -S`, git-kept metrics) is no difference
+    # from the revision; changed code is, by name.
+    (tmp_path / "stages").mkdir()
+    for name in ("params.yaml", "metrics/evaluate.json", "stages/finetune.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a: 1\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "code")
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for name in ("dvc.lock", "params.yaml", "metrics/evaluate.json"):
+        (tmp_path / name).write_text("a: 2\n")
+    assert export.provenance(lock_path=tmp_path / "dvc.lock", project=tmp_path, weights_sha256="ff")["git"] == {
+        "revision": rev, "uncommitted_changes": []}
+    (tmp_path / "stages/finetune.py").write_text("a: 3\n")
+    assert export.provenance(lock_path=tmp_path / "dvc.lock", project=tmp_path,
+                             weights_sha256="ff")["git"]["uncommitted_changes"] == ["stages/finetune.py"]
 
 
 def test_provenance_without_git_or_lock_says_so(tmp_path):

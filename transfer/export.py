@@ -56,6 +56,9 @@ class ExportError(UserError):
 UPSTREAM = ("prepare", "pretrain", "extract", "train_head", "finetune", "evaluate")
 
 
+RUN_WRITES = ("dvc.lock", "params.yaml", ".gitignore")
+
+
 def provenance(*, lock_path: Path, project: Path, weights_sha256: str) -> dict:
     """Where an exported model came from: the git revision the project was at, and for every stage upstream
     of it the params it ran with and the hashes of what it wrote, as DVC recorded them in dvc.lock
@@ -73,8 +76,13 @@ def provenance(*, lock_path: Path, project: Path, weights_sha256: str) -> dict:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, timeout=30)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project,
                                capture_output=True, text=True, timeout=30)
-        out["git"] = ({"revision": head.stdout.strip(), "uncommitted_changes": bool(dirty.stdout.strip())}
-                      if head.returncode == 0 else None)
+        # What a run itself changes is not a difference from the revision: dvc.lock (DVC writes each stage's
+        # entry as it ends), params.yaml (`dvc exp run -S`; the stages' params are recorded below), the
+        # metrics DVC keeps in git and .gitignore (DVC lists its outputs there). Anything else (code, dvc.yaml) is listed: then the revision alone does
+        # not rebuild the model.
+        changed = [line[3:] for line in dirty.stdout.splitlines()]
+        changed = [f for f in changed if f not in RUN_WRITES and not f.startswith("metrics/")]
+        out["git"] = {"revision": head.stdout.strip(), "uncommitted_changes": changed} if head.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):  # no git: a copy of the project without its history
         out["git"] = None
     lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else None
