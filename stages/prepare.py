@@ -54,33 +54,34 @@ def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Sp
 
     plan = dict(val_fraction=val_fraction, test_fraction=test_fraction, train_per_class=train_per_class,
                 eval_per_class=eval_per_class, selected=selected, layout=collected.layout)
-    # Split sizes are checked on the files found, before the (long) decode, and again on what decoded.
+    # Split sizes are checked on the files found, before any decode, and again on what decoded.
     keys = data.split_keys(kept, split_seed)
     plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), keys, **plan)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Decoded pixels go to a scratch file, not a list: memory stays flat however many images there are.
+    # Item k of `kept` goes to row k; only the rows of decoded items are ever written (the file is sparse).
     image_size = spec.image_size
     with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size), capacity=len(kept)) as spool:
-        good, rows_of_good, digests = [], [], []
-        start = time.perf_counter()
-        stream = cli.progress(data.decode_stream(kept, spec, workers, spool), desc="decode", total=len(kept), unit="img")
-        for k, ((digest, reason), item) in enumerate(zip(stream, kept)):  # the bar first: it closes when its iterator ends
-            if reason is not None:
-                rows.append(row(item, status="rejected", reason=reason))
-                continue
-            good.append(item)
-            rows_of_good.append(k)
-            digests.append(digest)
-        seconds = time.perf_counter() - start
-        if timing_path is not None:
-            write_json(timing_path, dict(images=len(kept), workers=workers, decode_seconds=round(seconds, 3),
-                                         images_per_second=round(len(kept) / seconds, 1) if seconds > 0 else None))
+        digest_of, rejected_at = decode_needed(kept, keys, np.array([label_of[i.label] for i in kept], dtype=np.int64),
+                                               plan=plan, spec=spec, workers=workers, spool=spool,
+                                               timing_path=timing_path)
+        for k in sorted(rejected_at):
+            rows.append(row(kept[k], status="rejected", reason=rejected_at[k]))
+        rows_of_good = [k for k in range(len(kept)) if k not in rejected_at]
+        good = [kept[k] for k in rows_of_good]
+        digests = [digest_of.get(k) for k in rows_of_good]
         rejected_all = [dict(path=r["ref"], reason=r["reason"]) for r in rows if r["status"] == "rejected"]
         n_rejected = len(rejected_all)
         # The fraction is of the files that were candidates for use (excluded classes and hidden files are not).
         n_inputs = len(good) + n_rejected
-        report = dict(rejected=rejected_all, notes=collected.notes, classes=selected)
+        notes = list(collected.notes)
+        unread = len(kept) - len(digest_of) - len(rejected_at)
+        if unread:
+            notes.append(f"{unread} of {len(kept)} files of the selected classes were not decoded: no split takes "
+                         "them at these budgets and caps (data.train_per_class, data.eval_per_class), so whether they "
+                         "are readable was not checked")
+        report = dict(rejected=rejected_all, notes=notes, classes=selected)
         try:
             data.check_rejected_fraction(rejected=rejected_all, inputs=n_inputs, max_fraction=max_rejected_fraction,
                                          what="input files", report_path=out_dir / "report.json")
@@ -126,6 +127,48 @@ def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Sp
 
 SPLIT_KEY_RULE = ("each file's split_key, a number in [0, 1): the first 8 bytes of sha256('{split_seed}\\0<key>') "
                   "/ 2**64 (data.split_seed {split_seed}; key: the path relative to data.root, or '<array file>#<index>')")
+
+
+def decode_needed(kept: list[data.Item], keys: np.ndarray, labels: np.ndarray, *, plan: dict, spec: preprocess.Spec,
+                  workers: int, spool: storage.Spool, timing_path: Path | None) -> tuple[dict[int, str], dict[int, str]]:
+    """Decode the files the splits take, and only those: ({item: digest of its pixels}, {item: why it
+    was rejected}), items by their index in `kept`, pixels in the spool's row of that index.
+
+    The splits are planned on the files not known to be unreadable; the ones they take that are not
+    decoded yet are decoded; a file that fails to decode leaves the plan, whose next file of that class
+    and split then takes its place (decoded in the next round). So the splits are those a decode of
+    every file would give: a split takes the lowest split keys of each class among the readable files,
+    and an unreadable file the splits would not take changes no rank below the caps. On the default
+    (Fashion-MNIST 5-9, 5 training images per class, 300 val and test) this decodes 3,025 of 35,000
+    images: prepare took 21.2 s (19.5 s of work) when it decoded all of them."""
+    decoded: dict[int, str] = {}
+    rejected: dict[int, str] = {}
+    images = seconds = 0
+    while True:
+        candidates = np.array([k for k in range(len(kept)) if k not in rejected], dtype=np.int64)
+        try:
+            split_of, _, _, _ = plan_splits([kept[k] for k in candidates], labels[candidates], keys[candidates], **plan)
+        except DataError:
+            # Unreadable files left a split short: the caller's checks say so, in the order a full decode
+            # would (too many unreadable files, a class without readable images, then this plan's problem).
+            break
+        todo = [int(k) for k in candidates[split_of != "unused"] if k not in decoded]
+        if not todo:
+            break
+        start = time.perf_counter()
+        stream = cli.progress(data.decode_stream([kept[k] for k in todo], spec, workers, spool, rows=todo), desc="decode",
+                              total=len(todo), unit="img")
+        for (digest, reason), k in zip(stream, todo):  # the bar first: it closes when its iterator ends
+            if reason is None:
+                decoded[k] = digest
+            else:
+                rejected[k] = reason
+        seconds += time.perf_counter() - start
+        images += len(todo)
+    if timing_path is not None:
+        write_json(timing_path, dict(images=images, of=len(kept), workers=workers, decode_seconds=round(seconds, 3),
+                                     images_per_second=round(images / seconds, 1) if seconds > 0 else None))
+    return decoded, rejected
 
 
 def plan_splits(items: list[data.Item], labels: np.ndarray, keys: np.ndarray, *, val_fraction: float, test_fraction: float,

@@ -696,3 +696,44 @@ def test_source_task_files_and_their_split_belong_to_the_files(tmp_path):
             below = {k for k in mine if split_key(k) < 0.1}
             # the threshold, or the minimum-one rule: the lowest split key when none is below 0.1
             assert {k for k, s in mine.items() if s == "val"} == (below or {min(mine, key=split_key)})
+
+
+def test_prepare_decodes_only_the_files_the_splits_take(tmp_path, monkeypatch):
+    """With a budget and caps, prepare decodes the files the splits take and no others. An unreadable one
+    among them is rejected and the next readable file by split key takes its place, so the splits are
+    exactly the ones a run decoding every file gives (here: the caps' lowest keys of its splits). An
+    unreadable file beyond the caps is never opened: unused, not rejected, and report.json says how many
+    files were not decoded."""
+    root = make_tree(tmp_path / "raw", classes=("a", "b"), per_class=40)
+    key = {p: split_key(str(p.relative_to(root))) for p in root.rglob("*.png")}
+    train_a = sorted((u, p) for p, u in key.items() if p.parent.name == "a" and by_rule(u, ("test", 0.2), ("val", 0.2)) == "train")
+    taken_bad, ignored_bad = train_a[0][1], train_a[-1][1]  # the lowest train key of class a, and the highest
+    for p in (taken_bad, ignored_bad):
+        p.write_bytes(b"not an image")
+    full = run_prepare(root, tmp_path / "full")  # no caps: every file is decoded
+    decoded = []
+    real = data.decode_stream
+
+    def counting(items, *a, **k):
+        decoded.extend(i.ref for i in items)
+        return real(items, *a, **k)
+
+    monkeypatch.setattr(data, "decode_stream", counting)
+    capped = run_prepare(root, tmp_path / "capped", train_per_class=3, eval_per_class=4)
+    rows = {r["ref"]: r for r in manifest(tmp_path / "capped")[1]}
+    used = [ref for ref, r in rows.items() if r["status"] == "used"]
+    assert capped["train_images"] == 6 and capped["val_images"] + capped["test_images"] >= 14
+    # Decoded: the used files and the one unreadable file the budget reached for, each once.
+    assert sorted(decoded) == sorted(used + [str(taken_bad)]) and len(set(decoded)) == len(decoded)
+    assert rows[str(taken_bad)]["status"] == "rejected" and rows[str(ignored_bad)]["status"] == "unused"
+    assert capped["rejected"] == 1 and full["rejected"] == 2
+    # The splits are the full run's, cut to the lowest split keys of each class.
+    whole = splits_of(tmp_path / "full")
+    for split, cap in (("train", 3), ("val", 4), ("test", 4)):
+        for c in ("a", "b"):
+            expect = sorted((key[Path(ref)], ref) for ref, s in whole.items() if s == split and Path(ref).parent.name == c)[:cap]
+            got = sorted((key[Path(ref)], ref) for ref in used if rows[ref]["split"] == split and Path(ref).parent.name == c)
+            assert got == expect, (split, c)
+    assert str(train_a[1][1]) in used  # the next train file of class a took the unreadable one's place
+    notes = json.loads((tmp_path / "capped" / "prepared" / "report.json").read_text())["notes"]
+    assert any(n.startswith(f"{80 - len(used) - 1} of 80 files of the selected classes were not decoded") for n in notes), notes

@@ -668,14 +668,15 @@ def worker_count(workers: int) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def decode_stream(items: list[Item], spec: Spec, workers: int, spool, first_row: int = 0) -> Iterator[tuple[str | None, str | None]]:
+def decode_stream(items: list[Item], spec: Spec, workers: int, spool, first_row: int = 0,
+                  rows: list[int] | None = None) -> Iterator[tuple[str | None, str | None]]:
     """Decode each item once, in parallel over `workers` processes, item k into row first_row + k of
-    `spool` (a storage.Spool). Yields (digest of the pixels or None, rejection reason or None) in input
-    order whatever the worker count, so outputs are byte-identical. A stream: memory stays flat, and a
-    caller that stops early stops the workers."""
+    `spool` (a storage.Spool), or into row rows[k] when `rows` is given. Yields (digest of the pixels
+    or None, rejection reason or None) in input order whatever the worker count, so outputs are
+    byte-identical. A stream: memory stays flat, and a caller that stops early stops the workers."""
     global _spool
     _spool = spool
-    jobs = ((first_row + k, item.array, item.path, spec) for k, item in enumerate(items))
+    jobs = ((first_row + k if rows is None else rows[k], item.array, item.path, spec) for k, item in enumerate(items))
     files = sum(item.array is None for item in items)
     # Arrays already in memory (IDX, digits) only need a resize: shipping them to workers and back
     # cost more than it saved (Fashion-MNIST 5-9 at 128 px: 11.1 s inline, 16.9 s with 2 workers).
