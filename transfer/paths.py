@@ -14,7 +14,7 @@ EMBEDDINGS = Path("data/embeddings")  # {split}.safetensors
 
 BACKBONE_DIR = Path("models/backbone")  # backbone.safetensors, backbone.json, load_report.json
 HEAD_DIR = Path("models/head")  # head.safetensors, head.json
-MODEL_DIR = Path("models/model")  # model.safetensors, model.json
+MODEL_DIR = Path("models/model")  # model.safetensors, model.json, val_logits.safetensors
 CALIBRATION = Path("models/calibration.json")  # the temperature evaluate fits on val, for convert's exports
 CHECKPOINTS = Path("models/checkpoints")  # finetune.pt: resumable training state (not a DVC-cached output)
 EXPORT_DIR = Path("models/export")  # model_fp32.safetensors, model_fp16.safetensors, model.json
