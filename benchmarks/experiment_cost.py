@@ -49,7 +49,7 @@ def clone(into: Path, rev: str | None = None) -> Path:
         subprocess.run(["git", "checkout", "-q", rev], cwd=repo, check=True)
         shutil.copy(ROOT / "transfer" / "cli.py", repo / "transfer" / "cli.py")
         subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam",
-                        "profiling hook"], cwd=repo, check=True)
+                        "profiling hook", "--allow-empty"], cwd=repo, check=True)
     for name in ("fashion-mnist", "pretrained"):
         src = ROOT / "data" / "raw" / name
         if src.exists():
