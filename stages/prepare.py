@@ -56,16 +56,16 @@ def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Sp
                 eval_per_class=eval_per_class, selected=selected, layout=collected.layout)
     # Split sizes are checked on the files found, before any decode, and again on what decoded.
     keys = data.split_keys(kept, split_seed)
-    plan_splits(kept, np.array([label_of[i.label] for i in kept], dtype=np.int64), keys, **plan)
+    kept_labels = np.array([label_of[i.label] for i in kept], dtype=np.int64)
+    plan_splits(kept, kept_labels, keys, **plan)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Decoded pixels go to a scratch file, not a list: memory stays flat however many images there are.
     # Item k of `kept` goes to row k; only the rows of decoded items are ever written (the file is sparse).
     image_size = spec.image_size
     with storage.Spool(out_dir / ".decoded.rows.tmp", (3, image_size, image_size), capacity=len(kept)) as spool:
-        digest_of, rejected_at = decode_needed(kept, keys, np.array([label_of[i.label] for i in kept], dtype=np.int64),
-                                               plan=plan, spec=spec, workers=workers, spool=spool,
-                                               timing_path=timing_path)
+        digest_of, rejected_at = decode_needed(kept, keys, kept_labels, plan=plan, spec=spec, workers=workers,
+                                               spool=spool, timing_path=timing_path)
         for k in sorted(rejected_at):
             rows.append(row(kept[k], status="rejected", reason=rejected_at[k]))
         rows_of_good = [k for k in range(len(kept)) if k not in rejected_at]
@@ -89,7 +89,7 @@ def prepare(*, source: str, root: str, classes: list | None, spec: preprocess.Sp
             write_json(out_dir / "report.json", report)
             raise
 
-        labels = np.array([label_of[item.label] for item in good], dtype=np.int64)
+        labels = kept_labels[rows_of_good]
         missing = [name for i, name in enumerate(selected) if i not in set(labels.tolist())]
         if missing:
             raise DataError(f"classes {missing} have no readable images; remove them from data.classes or add images")
